@@ -1,0 +1,124 @@
+"""Where everything lives on disk, and the checks that make it safe to use.
+
+Layout (Linux defaults; ``TRACTOR_SESSION_ROOT`` moves all of it)::
+
+    $XDG_RUNTIME_DIR/tractor/                 runtime root: tractor's own
+        <12 hex>/                             one bindspace per live session
+            tractor/                          where tractor binds its sockets
+    $XDG_RUNTIME_DIR/tractor-session/         our control directory
+        control.sock  daemon.lock  spawn.lock  daemon.log
+
+The runtime root is exactly the directory tractor itself uses by default,
+so that garbage collection can also clean tractor's shared bindspace.  The
+control directory sits beside it, never among the bindspaces, and is
+always ``<root>-session`` so one override moves both.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT_ENV = "TRACTOR_SESSION_ROOT"
+"""Overrides the runtime root (tests, unusual hosts)."""
+
+SOCKET_ENV = "TRACTOR_SESSION_SOCKET"
+"""The daemon's control socket; set inside every lease so nested
+``tractor-session`` calls reach the same daemon even though
+``XDG_RUNTIME_DIR`` then points at the bindspace."""
+
+# sun_path is 108 bytes on Linux and 104 on macOS, NUL terminator included.
+AF_UNIX_PATH_MAX = 104 if sys.platform == "darwin" else 108
+
+
+class UnsafePathError(RuntimeError):
+    """A directory we are about to use could be controlled by someone else."""
+
+
+def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+    """The directory tractor binds its sockets in by default.
+
+    tractor computes ``platformdirs.user_runtime_dir()/tractor`` on Linux and
+    ``/tmp/tractor-<uid>`` on macOS.  Hosts without a user runtime dir
+    (containers, CI, ``su``) get recent platformdirs' own fallback,
+    ``<tmp>/runtime-<uid>``, which we create owner-only and announce once.
+    """
+    if override := environ.get(ROOT_ENV):
+        return Path(override)
+    uid = os.getuid()
+    if sys.platform == "darwin":
+        return Path(f"/tmp/tractor-{uid}")
+    if xdg := environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "tractor"
+    run_user = Path(f"/run/user/{uid}")
+    if run_user.is_dir():
+        return run_user / "tractor"
+    fallback = Path(tempfile.gettempdir()) / f"runtime-{uid}"
+    if not fallback.exists():
+        print(
+            f"tractor-session: no /run/user/{uid} and XDG_RUNTIME_DIR is unset;"
+            f" using {fallback} (owner-only) as the runtime dir",
+            file=sys.stderr,
+        )
+        ensure_private_dir(fallback)
+    return fallback / "tractor"
+
+
+def control_dir(root: Path) -> Path:
+    """The daemon's own directory: a sibling of the runtime root."""
+    return root.with_name(root.name + "-session")
+
+
+def control_socket(environ: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+    """The socket clients connect to: the envelope's, else the default."""
+    if path := environ.get(SOCKET_ENV):
+        return Path(path)
+    return control_dir(runtime_root(environ)) / "control.sock"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` mode 0700 if missing, then refuse it if it is unsafe.
+
+    A symlink, a directory of another user or one others can write to would
+    let them redirect or plant sockets in our sessions (and make platformdirs
+    fall back to a different directory in some processes: a split brain).
+    """
+    try:
+        os.mkdir(path, 0o700)
+        # mkdir honours the umask; make sure the mode is what we promise.
+        os.chmod(path, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise :class:`UnsafePathError` naming ``path`` unless it is ours alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise UnsafePathError(f"{path}: does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(
+            f"{path}: is a symlink; refusing to use it (remove it and retry)"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"{path}: is not a directory")
+    if st.st_uid != os.getuid():
+        raise UnsafePathError(
+            f"{path}: is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePathError(
+            f"{path}: is writable by others (mode {stat.S_IMODE(st.st_mode):04o});"
+            f" run `chmod 700 {path}`"
+        )
+
+
+def fits_af_unix(path: str | Path) -> bool:
+    """Whether ``path`` can be bound as a unix socket on this platform."""
+    return len(os.fsencode(path)) < AF_UNIX_PATH_MAX

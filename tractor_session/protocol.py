@@ -1,0 +1,195 @@
+"""The control protocol between clients and the daemon.
+
+Every message is a msgspec struct, sent as a 4-byte big-endian length and a
+msgpack body.  A connection opens with :class:`Hello`, so that a client and
+a daemon of different protocol versions fail with a clear error instead of
+misreading each other.  The client may send its first request right behind
+its Hello without waiting for :class:`Welcome`: one round trip, not two.
+
+This module is shared by the synchronous client and the trio daemon, so it
+imports neither trio nor anything slow.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+HEADER = struct.Struct(">I")
+
+# A lease id as it appears in requests: a canonical uuid4 string, or the
+# 12-hex prefix that names its bindspace.  Checked before any id reaches a
+# path or the lease table.
+LEASE_ID_RE = re.compile(r"[0-9a-f]{12}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+Transport = Literal["tcp", "uds"]
+
+
+class ProtocolError(RuntimeError):
+    """The peer sent something that is not a valid message."""
+
+
+class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+# -- requests ---------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    version: int
+    client: str = ""
+
+
+class LeaseRequest(Message, tag="lease"):
+    """Ask for a session.
+
+    ``holder_pid``: the process whose life bounds the lease; ``None`` binds it
+    to this connection instead (the lease ends when the connection closes).
+    """
+
+    transport: Transport = "tcp"
+    holder_pid: int | None = None
+    ttl: float | None = None
+    reap: bool = True
+    set_xdg: bool = True
+    parent: str | None = None
+
+
+class Release(Message, tag="release"):
+    lease_id: str
+
+
+class Renew(Message, tag="renew"):
+    lease_id: str
+    ttl: float | None = None
+
+
+class Bind(Message, tag="bind"):
+    """Tell the daemon the pid of the command a connection-held lease runs,
+    so that a daemon restarted mid-run can re-bind the lease to it."""
+
+    lease_id: str
+    pid: int
+
+
+class StatusRequest(Message, tag="status"):
+    pass
+
+
+class GcRequest(Message, tag="gc"):
+    dry_run: bool = False
+    grace: float | None = None
+
+
+Request = LeaseRequest | Release | Renew | Bind | StatusRequest | GcRequest
+
+# -- replies ----------------------------------------------------------------
+
+
+class LeaseInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """A live lease as the daemon reports it."""
+
+    lease_id: str
+    bindspace: str
+    transport: Transport
+    registry_addr: tuple[str, int | str]
+    port: int | None
+    holder_pid: int | None
+    created: float
+    expires: float | None = None
+    parent: str | None = None
+    reap: bool = True
+
+
+class Welcome(Message, tag="welcome"):
+    version: int
+    daemon_pid: int
+
+
+class Granted(Message, tag="granted"):
+    lease: LeaseInfo
+    env: dict[str, str]
+
+
+class Reaped(msgspec.Struct):
+    pid: int
+    cmdline: str
+    signal: str
+
+
+class Released(Message, tag="released"):
+    lease_id: str
+    reaped: list[Reaped] = []
+
+
+class Renewed(Message, tag="renewed"):
+    lease_id: str
+    expires: float | None
+
+
+class Bound(Message, tag="bound"):
+    lease_id: str
+
+
+class Status(Message, tag="status_reply"):
+    daemon_pid: int
+    root: str
+    leases: list[LeaseInfo]
+
+
+class GcItem(msgspec.Struct):
+    kind: str
+    path: str
+    reason: str
+
+
+class GcReport(Message, tag="gc_report"):
+    dry_run: bool
+    items: list[GcItem]
+
+
+class Error(Message, tag="error"):
+    """A refused request.  ``code`` is stable for programs, ``message`` is
+    for people and says what to do next."""
+
+    code: str
+    message: str
+
+
+Reply = Welcome | Granted | Released | Renewed | Bound | Status | GcReport | Error
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Hello | Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def frame(msg: Message) -> bytes:
+    body = _encoder.encode(msg)
+    return HEADER.pack(len(body)) + body
+
+
+def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
+    (length,) = HEADER.unpack(header)
+    if length > limit:
+        raise ProtocolError(f"message of {length} bytes exceeds the {limit}-byte limit")
+    return length
+
+
+def decode_request(body: bytes) -> Hello | Request:
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.DecodeError as err:
+        raise ProtocolError(f"malformed request: {err}") from None
+
+
+def decode_reply(body: bytes) -> Reply:
+    try:
+        return _reply_decoder.decode(body)
+    except msgspec.DecodeError as err:
+        raise ProtocolError(f"malformed reply from the daemon: {err}") from None
