@@ -1,0 +1,3 @@
+from tractor_session.cli import main
+
+raise SystemExit(main())

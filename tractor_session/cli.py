@@ -1,0 +1,368 @@
+"""The ``tractor-session`` command.
+
+Imports only the client side (no trio, no psutil) unless it is asked to
+``serve``: ``lease -- CMD`` runs on the hot path of every test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from tractor_session import paths
+from tractor_session.client import ClientError, Connection, connect
+from tractor_session.protocol import GcItem, Granted, LeaseInfo, Released
+
+PROG = "tractor-session"
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class UsageError(Exception):
+    pass
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+# -- lease ------------------------------------------------------------------
+
+
+def _export_lines(granted: Granted) -> str:
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(granted.env.items())]
+    lines.append(f"export TRACTOR_SESSION_ID={shlex.quote(granted.lease.lease_id)}")
+    return "\n".join(lines)
+
+
+def _lease_json(granted: Granted) -> str:
+    return json.dumps({**msgspec.to_builtins(granted.lease), "env": granted.env}, indent=2)
+
+
+def cmd_lease(args: argparse.Namespace) -> int:
+    command: list[str] = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.export or args.json:
+        if command:
+            raise UsageError("--export/--json print a lease and return; they take no command")
+        return _lease_export(args)
+    if not command:
+        raise UsageError("give the command to run after --, e.g. `tractor-session lease -- pytest`")
+    if args.holder_pid is not None or args.ttl is not None:
+        raise UsageError("--holder-pid and --ttl go with --export (a command's lease lasts as long as it runs)")
+    return _lease_run(args, command)
+
+
+def _lease_export(args: argparse.Namespace) -> int:
+    holder = args.holder_pid if args.holder_pid is not None else os.getppid()
+    with connect() as conn:
+        granted = conn.lease(
+            args.tpt_proto, holder_pid=holder, ttl=args.ttl,
+            reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent,
+        )
+    print(_lease_json(granted) if args.json else _export_lines(granted))
+    return 0
+
+
+def _kernel_already_delivered(sig: int) -> bool:
+    """Whether a SIGINT most likely came from the terminal, which sends it
+    to the whole foreground process group, CMD included: forwarding it too
+    would hit CMD twice (and a second ^C aborts pytest's teardown)."""
+    if sig != signal.SIGINT:
+        return False
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
+    conn = connect()
+    granted = conn.lease(args.tpt_proto, reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent)
+    lease_id = granted.lease.lease_id
+    env = {**os.environ, **granted.env, "TRACTOR_SESSION_ID": lease_id}
+    try:
+        proc = subprocess.Popen(command, env=env)
+    except OSError as err:
+        _release(conn, lease_id)
+        code = 127 if isinstance(err, FileNotFoundError) else 126
+        return _fail(f"cannot run {command[0]!r}: {err.strerror}", code)
+
+    def forward(signum: int, _frame: object) -> None:
+        if not _kernel_already_delivered(signum):
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        try:
+            conn.bind(lease_id, proc.pid)
+        except ClientError:
+            pass  # the lease stays bound to this process's connection
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    released = _release(conn, lease_id)
+    if released is not None and released.reaped:
+        kinds = sorted({r.signal for r in released.reaped})
+        print(
+            f"{PROG}: reaped {len(released.reaped)} leftover process(es) of session"
+            f" {lease_id[:12]} ({'/'.join(kinds)}): "
+            + ", ".join(f"{r.pid} {r.cmdline[:40]}" for r in released.reaped[:5]),
+            file=sys.stderr,
+        )
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _release(conn: Connection, lease_id: str) -> Released | None:
+    """Release, reconnecting once if the daemon was restarted meanwhile."""
+    try:
+        return conn.release(lease_id)
+    except ClientError as err:
+        if err.code != "unreachable":
+            return None
+    finally:
+        conn.close()
+    try:
+        with connect() as fresh:
+            return fresh.release(lease_id)
+    except ClientError:
+        # Already ended by the new daemon, which watched the command's pid.
+        return None
+
+
+# -- other commands -----------------------------------------------------------
+
+
+def _age(created: float) -> str:
+    seconds = max(0, int(time.time() - created))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _addr(info: LeaseInfo) -> str:
+    host, port = info.registry_addr
+    return f"{host}:{port}" if info.transport == "tcp" else f"{host}/{port}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect(autostart=False) as conn:
+        status = conn.status()
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(status), indent=2))
+        return 0
+    print(f"daemon pid {status.daemon_pid}, root {status.root}, {len(status.leases)} live lease(s)")
+    if status.leases:
+        print(f"{'ID':36}  {'HOLDER':>7}  {'AGE':>4}  {'REGISTRY':24}  BINDSPACE")
+        for info in sorted(status.leases, key=lambda i: i.created):
+            holder = str(info.holder_pid) if info.holder_pid else "-"
+            parent = f"  (of {info.parent[:12]})" if info.parent else ""
+            print(f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {_addr(info):24}  {info.bindspace}{parent}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    with connect(autostart=False) as conn:
+        released = conn.release(args.lease_id)
+    print(f"released {released.lease_id}" + (f"; reaped {len(released.reaped)} process(es)" if released.reaped else ""))
+    return 0
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    with connect(autostart=False) as conn:
+        renewed = conn.renew(args.lease_id, args.ttl)
+    assert renewed.expires is not None
+    print(f"renewed {renewed.lease_id} until {time.strftime('%H:%M:%S', time.localtime(renewed.expires))}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    if args.grace is not None and args.grace < 0:
+        raise UsageError("--grace must not be negative")
+    try:
+        with connect(autostart=False) as conn:
+            items = conn.gc(args.dry_run, args.grace).items
+            where = f"through the daemon (pid {conn.daemon_pid})"
+    except ClientError as err:
+        if err.code != "unreachable":
+            raise
+        items = _gc_directly(args.dry_run, args.grace)
+        where = "directly (no daemon runs)"
+    if args.json:
+        print(json.dumps([msgspec.to_builtins(item) for item in items], indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for item in items:
+        print(f"{verb} {item.kind} {item.path}: {item.reason}")
+    print(f"{len(items)} item(s) {verb}, {where}")
+    return 0
+
+
+def _gc_directly(dry_run: bool, grace: float | None) -> list[GcItem]:
+    """GC without a daemon: trust the on-disk records and holder liveness."""
+    from tractor_session import garbage, reaper
+
+    root = paths.runtime_root()
+    findings = garbage.scan(root, garbage.DEFAULT_GRACE if grace is None else grace)
+    if dry_run:
+        return findings.items()
+    for victims in findings.processes.values():
+        reaper.terminate(victims, grace=3.0)
+    return findings.process_items() + garbage.remove(root, findings.bindspaces + findings.sockets)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tractor_session import daemon, ports
+
+    root = Path(args.root) if args.root else paths.runtime_root()
+    sock = Path(args.socket) if args.socket else paths.control_dir(root) / "control.sock"
+    try:
+        pool = ports.parse_pool(args.port_pool) if args.port_pool else ports.DEFAULT_POOL
+        config = daemon.Config(
+            root=root, socket=sock, port_pool=pool, reap_grace=args.reap_grace,
+            max_leases=args.max_leases, gc_interval=args.gc_interval, gc_grace=args.gc_grace,
+            request_timeout=args.request_timeout,
+        )
+        ports.PortPool(pool)
+    except ports.PortPoolError as err:
+        return _fail(str(err))
+    return daemon.serve(config, ready_fd=args.ready_fd)
+
+
+# -- parser ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=fmt,
+        description="Give each tractor test run or script a private, self-cleaning session:"
+        " its own id, socket directory (bindspace), registry address and environment.",
+        epilog="examples:\n"
+        "  tractor-session lease -- pytest tests/     run pytest in a fresh session\n"
+        "  tractor-session status                     list live sessions\n"
+        "\nThe daemon starts on demand; see `tractor-session serve --help`.",
+    )
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "lease", formatter_class=fmt,
+        help="run a command in a new session (or print one with --export)",
+        description="Take a lease on a new session and run CMD inside it: CMD gets the\n"
+        "envelope (_TRACTOR_RT_VARS, XDG_RUNTIME_DIR=<bindspace>, ...) in its\n"
+        "environment, signals (INT, TERM, HUP) are passed on, and the session is\n"
+        "cleaned up when CMD ends. Exits with CMD's status (128+N if killed by N).\n"
+        "With --export, print the envelope as shell exports and return at once;\n"
+        "that lease lasts as long as --holder-pid (default: the calling shell).",
+        epilog="examples:\n"
+        "  tractor-session lease -- pytest -x tests/\n"
+        "  tractor-session lease --tpt-proto uds -- python my_script.py\n"
+        "  eval \"$(tractor-session lease --export)\"",
+    )
+    p.add_argument("--tpt-proto", choices=("tcp", "uds"), default="tcp",
+                   help="the registry transport (default: tcp)")
+    p.add_argument("--no-xdg", action="store_true",
+                   help="do not point XDG_RUNTIME_DIR at the bindspace")
+    p.add_argument("--no-reap", action="store_true",
+                   help="leave the session's leftover processes running when it ends")
+    p.add_argument("--export", action="store_true", help="print `export` lines and return")
+    p.add_argument("--json", action="store_true", help="print the lease as JSON and return")
+    p.add_argument("--holder-pid", type=int, metavar="PID",
+                   help="with --export: the process whose life bounds the lease")
+    p.add_argument("--ttl", type=float, metavar="SECONDS",
+                   help="with --export: end the lease after SECONDS unless renewed")
+    p.add_argument("--parent", metavar="ID", help=argparse.SUPPRESS)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_lease)
+
+    p = sub.add_parser(
+        "status", formatter_class=fmt, help="list the live leases",
+        description="List every live lease: id, holder pid, age, registry address, bindspace.",
+        epilog="examples:\n  tractor-session status\n  tractor-session status --json | jq '.leases[].bindspace'",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "release", formatter_class=fmt, help="end a lease by id",
+        description="End a lease now: reap its leftover processes, remove its bindspace, free its port.",
+        epilog="example:\n  tractor-session release 3f2a9c1b7d4e",
+    )
+    p.add_argument("lease_id", metavar="ID", help="the lease id, or its first 12 hex digits")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser(
+        "renew", formatter_class=fmt, help="extend a --ttl lease",
+        description="Push a time-limited lease's expiry SECONDS into the future.",
+        epilog="example:\n  tractor-session renew 3f2a9c1b7d4e --ttl 600",
+    )
+    p.add_argument("lease_id", metavar="ID")
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="new time to live (default: the lease's own)")
+    p.set_defaults(func=cmd_renew)
+
+    p = sub.add_parser(
+        "gc", formatter_class=fmt, help="remove what dead sessions left behind",
+        description="Remove stale bindspaces (their holder is dead, or they have no lease\n"
+        "record and are older than the grace period), sockets in tractor's shared\n"
+        "bindspace that nobody listens on, and leftover processes of dead sessions.\n"
+        "Works through the daemon when one runs, directly otherwise.",
+        epilog="examples:\n  tractor-session gc --dry-run\n  tractor-session gc --json --grace 0",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--json", action="store_true", help="print the items as a JSON list")
+    p.add_argument("--grace", type=float, metavar="SECONDS",
+                   help="age below which a directory without a record is spared (default: 300)")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "serve", formatter_class=fmt, help="run the daemon in the foreground",
+        description="Run the per-user daemon in the foreground. Clients start one on demand,\n"
+        "so this is for systemd, debugging, or custom settings. SIGTERM or SIGINT\n"
+        "stop it; live leases stay on disk and the next daemon re-adopts them.",
+        epilog="example:\n  tractor-session serve --port-pool 20000-29999",
+    )
+    p.add_argument("--root", metavar="DIR", help=f"runtime root (default: ${paths.ROOT_ENV} or tractor's)")
+    p.add_argument("--socket", metavar="PATH", help="control socket (default: <root>-session/control.sock)")
+    p.add_argument("--port-pool", metavar="LOW-HIGH", help="registry ports to hand out (default: 20000-29999)")
+    p.add_argument("--reap-grace", type=float, default=3.0, metavar="SECONDS",
+                   help="time between SIGINT and SIGKILL when reaping (default: 3)")
+    p.add_argument("--max-leases", type=int, default=20000, metavar="N", help="most live leases (default: 20000)")
+    p.add_argument("--gc-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="time between garbage sweeps (default: 60)")
+    p.add_argument("--gc-grace", type=float, default=300.0, metavar="SECONDS",
+                   help="age below which a directory without a record is spared (default: 300)")
+    p.add_argument("--request-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a client may take to send one whole request (default: 5)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        parser.error(str(err))
+    except ClientError as err:
+        return _fail(str(err))
+    except paths.UnsafePathError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return 130

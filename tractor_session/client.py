@@ -1,0 +1,229 @@
+"""The synchronous client: how everything else talks to the daemon.
+
+It must stay cheap to import and run because it sits on the hot path of
+every test run: no trio, no psutil, just a unix socket and msgspec.  If no
+daemon answers it starts one, under a lock so that fifty clients starting
+at once end up with one daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from tractor_session import envelope, paths, protocol
+from tractor_session.protocol import (
+    Bind,
+    Bound,
+    Error,
+    GcReport,
+    GcRequest,
+    Granted,
+    Hello,
+    LeaseRequest,
+    Release,
+    Released,
+    Renew,
+    Renewed,
+    Reply,
+    Status,
+    StatusRequest,
+    Transport,
+    Welcome,
+)
+
+DAEMON_START_TIMEOUT = 10.0
+# Variables that belong to a session and must not leak into a daemon we
+# start from inside one: the daemon is everyone's, not the session's.
+_SESSION_VARS = (envelope._TRACTOR_RT_VARS_OSENV, "XDG_RUNTIME_DIR")
+
+
+class ClientError(RuntimeError):
+    """The daemon refused a request or could not be reached.  ``code`` is
+    the daemon's stable error code (``"unreachable"`` when there is none)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Connection:
+    """One connection to the daemon.  Leases taken without a holder pid
+    live exactly as long as it stays open."""
+
+    def __init__(self, sock: socket.socket, daemon_pid: int) -> None:
+        self.sock = sock
+        self.daemon_pid = daemon_pid
+        self._buf = bytearray()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _recv_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ClientError("unreachable", "the daemon closed the connection")
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def receive(self) -> Reply:
+        header = self._recv_exact(protocol.HEADER.size)
+        length = protocol.body_length(header, limit=16 * 1024 * 1024)
+        return protocol.decode_reply(self._recv_exact(length))
+
+    def request(self, msg: protocol.Message) -> Reply:
+        try:
+            self.sock.sendall(protocol.frame(msg))
+            reply = self.receive()
+        except OSError as err:
+            raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
+        if isinstance(reply, Error):
+            raise ClientError(reply.code, reply.message)
+        return reply
+
+    def lease(
+        self,
+        transport: Transport = "tcp",
+        holder_pid: int | None = None,
+        ttl: float | None = None,
+        reap: bool = True,
+        set_xdg: bool = True,
+        parent: str | None = None,
+    ) -> Granted:
+        reply = self.request(LeaseRequest(transport, holder_pid, ttl, reap, set_xdg, parent))
+        assert isinstance(reply, Granted)
+        return reply
+
+    def release(self, lease_id: str) -> Released:
+        reply = self.request(Release(lease_id))
+        assert isinstance(reply, Released)
+        return reply
+
+    def renew(self, lease_id: str, ttl: float | None = None) -> Renewed:
+        reply = self.request(Renew(lease_id, ttl))
+        assert isinstance(reply, Renewed)
+        return reply
+
+    def bind(self, lease_id: str, pid: int) -> Bound:
+        reply = self.request(Bind(lease_id, pid))
+        assert isinstance(reply, Bound)
+        return reply
+
+    def gc(self, dry_run: bool = False, grace: float | None = None) -> GcReport:
+        reply = self.request(GcRequest(dry_run, grace))
+        assert isinstance(reply, GcReport)
+        return reply
+
+    def status(self) -> Status:
+        reply = self.request(StatusRequest())
+        assert isinstance(reply, Status)
+        return reply
+
+
+def _handshake(sock: socket.socket) -> Connection:
+    conn = Connection(sock, daemon_pid=0)
+    sock.sendall(protocol.frame(Hello(protocol.PROTOCOL_VERSION, "tractor-session")))
+    reply = conn.receive()
+    if isinstance(reply, Error):
+        sock.close()
+        raise ClientError(reply.code, reply.message)
+    if not isinstance(reply, Welcome):
+        sock.close()
+        raise ClientError("protocol", f"unexpected reply to hello: {type(reply).__name__}")
+    conn.daemon_pid = reply.daemon_pid
+    return conn
+
+
+def _try_connect(path: Path) -> Connection | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.fspath(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except OSError as err:
+        sock.close()
+        raise ClientError("unreachable", f"cannot connect to {path}: {err}") from None
+    try:
+        return _handshake(sock)
+    except OSError as err:
+        sock.close()
+        raise ClientError("unreachable", f"the daemon at {path} did not answer: {err}") from None
+
+
+def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Connection:
+    """Connect to this user's daemon, starting one if none answers."""
+    env = dict(os.environ if environ is None else environ)
+    sock_path = paths.control_socket(env)
+    if (conn := _try_connect(sock_path)) is not None:
+        return conn
+    if not autostart:
+        raise ClientError("unreachable", f"no tractor-session daemon answers at {sock_path}")
+    return _start_daemon(sock_path, env)
+
+
+def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
+    """Start a daemon in the background, unless another client beats us.
+
+    The spawn lock serialises clients that found no daemon; each re-checks
+    after taking it, so only the first one actually starts a daemon.
+    """
+    root = paths.runtime_root(env)
+    control = paths.ensure_private_dir(sock_path.parent)
+    lock_fd = os.open(control / "spawn.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        if (conn := _try_connect(sock_path)) is not None:
+            return conn
+        _spawn_daemon(root, sock_path, env)
+        if (conn := _try_connect(sock_path)) is None:
+            raise ClientError("unreachable", f"the daemon started but does not answer at {sock_path}")
+        return conn
+    finally:
+        os.close(lock_fd)
+
+
+def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
+    log_path = sock_path.parent / "daemon.log"
+    daemon_env = {k: v for k, v in env.items() if k not in _SESSION_VARS}
+    daemon_env[paths.ROOT_ENV] = str(root)
+    read_fd, write_fd = os.pipe()
+    try:
+        with open(log_path, "ab") as log:
+            os.chmod(log_path, 0o600)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tractor_session", "serve",
+                 "--root", str(root), "--socket", str(sock_path), "--ready-fd", str(write_fd)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                pass_fds=(write_fd,), start_new_session=True, env=daemon_env,
+                cwd="/",
+            )
+        os.close(write_fd)
+        write_fd = -1
+        ready, _, _ = select.select([read_fd], [], [], DAEMON_START_TIMEOUT)
+        if not ready or not os.read(read_fd, 64):
+            code = proc.poll()
+            raise ClientError(
+                "unreachable",
+                f"the daemon did not start (exit status {code}); see {log_path}",
+            )
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)

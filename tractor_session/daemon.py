@@ -1,0 +1,574 @@
+"""The per-user daemon: grants leases and cleans up after dead sessions.
+
+One trio task serves each client connection; one watcher task per lease
+waits for its holder to die or its time to run out.  Lease bookkeeping is
+synchronous (see :mod:`tractor_session.leases`), so requests never race
+each other between an ``await``; only reaping a session's processes, which
+waits out a grace period, happens in the background.
+
+Stopping (SIGTERM, SIGINT) keeps every live lease on disk: the next daemon
+re-adopts them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import math
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import trio
+
+from tractor_session import garbage, paths, protocol, reaper
+from tractor_session.leases import (
+    BINDSPACE_NAME_RE,
+    Lease,
+    LeaseError,
+    LeaseTable,
+    read_record,
+)
+from tractor_session.liveness import Process, is_alive, start_time
+from tractor_session.ports import DEFAULT_POOL, PortPool
+from tractor_session.protocol import (
+    Bind,
+    Bound,
+    Error,
+    GcItem,
+    GcReport,
+    GcRequest,
+    Granted,
+    Hello,
+    LeaseRequest,
+    ProtocolError,
+    Reaped,
+    Release,
+    Released,
+    Renew,
+    Renewed,
+    Status,
+    StatusRequest,
+    Welcome,
+)
+
+log = logging.getLogger("tractor_session.daemon")
+
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass
+class Config:
+    """Everything the daemon can be told; defaults suit a dev box."""
+
+    root: Path
+    socket: Path
+    port_pool: range = DEFAULT_POOL
+    reap_grace: float = 3.0
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
+    request_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    max_connections: int = 1024
+    max_leases: int = 20000
+    gc_interval: float = 60.0
+    gc_grace: float = garbage.DEFAULT_GRACE
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def acquire_daemon_lock(control_dir: Path) -> int:
+    """Take the one-daemon-per-user lock; return its fd (keep it open).
+
+    ``flock`` is atomic in the kernel, so of two daemons started in the same
+    millisecond exactly one gets it; it is released when the process dies,
+    however it dies.
+    """
+    lock_path = control_dir / "daemon.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another tractor-session daemon (pid {holder}) is already running"
+            f" for {control_dir}; stop it first or use it"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket."""
+    if hasattr(socket, "SO_PEERCRED"):
+        pid, uid, _gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        return pid, uid
+    # macOS and the BSDs: the uid only.
+    uid, _gid = os.getpeereid(sock.fileno())  # type: ignore[attr-defined]
+    return 0, uid
+
+
+class FrameReader:
+    """Reads length-prefixed frames with a size limit and two clocks: how
+    long a connection may sit idle, and how long one frame may take once it
+    has started (so a client trickling bytes cannot hold a slot forever)."""
+
+    def __init__(self, stream: trio.SocketStream, limit: int, frame_timeout: float) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.frame_timeout = frame_timeout
+        self.buf = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return False
+            self.buf += data
+        return True
+
+    async def read(self, idle_timeout: float) -> bytes | None:
+        """The next frame's body, or None at a clean end of stream."""
+        with trio.move_on_after(idle_timeout) as idle:
+            if not await self._fill(1):
+                return None
+        if idle.cancelled_caught:
+            raise ProtocolError(f"no request within {idle_timeout:g} s; closing")
+        with trio.move_on_after(self.frame_timeout) as slow:
+            if not await self._fill(protocol.HEADER.size):
+                raise ProtocolError("connection closed mid-message")
+            length = protocol.body_length(bytes(self.buf[: protocol.HEADER.size]), self.limit)
+            end = protocol.HEADER.size + length
+            if not await self._fill(end):
+                raise ProtocolError("connection closed mid-message")
+        if slow.cancelled_caught:
+            raise ProtocolError(f"incomplete request after {self.frame_timeout:g} s; closing")
+        body = bytes(self.buf[protocol.HEADER.size : end])
+        del self.buf[:end]
+        return body
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
+        self.watchers: dict[str, trio.CancelScope] = {}
+        self.ending: dict[str, trio.Event] = {}
+        # Leases bound to a connection of this daemon; ended by its handler.
+        self.connected: set[str] = set()
+        self.connections = 0
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ------------------------------------------------------
+
+    async def run(self, listener: trio.SocketListener, on_ready: Callable[[], None]) -> None:
+        """Serve until cancelled (the caller maps SIGTERM/SIGINT to that)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.recover()
+            nursery.start_soon(trio.serve_listeners, self._serve_connection, [listener])
+            nursery.start_soon(self._sweep_periodically)
+            on_ready()
+            log.info(
+                "serving %s: root %s, %d leases re-adopted, ports %d-%d",
+                self.config.socket, self.config.root, len(self.table),
+                self.config.port_pool.start, self.config.port_pool.stop - 1,
+            )
+
+    def recover(self) -> None:
+        """Re-adopt the leases an earlier daemon left on disk."""
+        assert self._nursery is not None
+        try:
+            names = os.listdir(self.config.root)
+        except FileNotFoundError:
+            return
+        dead = 0
+        for name in names:
+            if not BINDSPACE_NAME_RE.fullmatch(name):
+                continue
+            record = read_record(self.config.root / name)
+            if record is None:
+                continue
+            lease = self.table.adopt(record)
+            expired = record.expires is not None and record.expires <= time.time()
+            if expired or not is_alive(record.holder_pid or 0, record.holder_start):
+                dead += 1
+                self._nursery.start_soon(self.end_lease, lease, "holder died while no daemon ran")
+            else:
+                self._nursery.start_soon(self._watch, lease)
+        if dead:
+            log.info("recovery: ending %d leases whose holders died meanwhile", dead)
+
+    # -- connections ----------------------------------------------------
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        held: list[Lease] = []
+        self.connections += 1
+        try:
+            if self.connections > self.config.max_connections:
+                await self._send(stream, Error(
+                    "busy",
+                    f"the daemon has {self.config.max_connections} connections open"
+                    " (its limit); retry shortly",
+                ))
+                return
+            pid, uid = peer_credentials(stream.socket)
+            if uid != os.getuid():
+                log.warning("refused a connection from uid %d (pid %d): not our user", uid, pid)
+                await self._send(stream, Error("forbidden", "this daemon serves only its own user"))
+                return
+            reader = FrameReader(stream, self.config.max_message_bytes, self.config.request_timeout)
+            await self._converse(stream, reader, pid, held)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ProtocolError as err:
+            log.info("dropping a client (pid %s): %s", locals().get("pid", "?"), err)
+            await self._send(stream, Error("protocol", str(err)))
+        finally:
+            self.connections -= 1
+            await stream.aclose()
+            for lease in held:
+                self.connected.discard(lease.lease_id)
+                if not lease.ended and lease.lease_id not in self.ending:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self.end_lease, lease, "holder's connection closed")
+
+    async def _send(self, stream: trio.SocketStream, msg: protocol.Message) -> None:
+        try:
+            await stream.send_all(protocol.frame(msg))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _converse(
+        self, stream: trio.SocketStream, reader: FrameReader, peer_pid: int, held: list[Lease]
+    ) -> None:
+        body = await reader.read(self.config.request_timeout)
+        if body is None:
+            return
+        hello = protocol.decode_request(body)
+        if not isinstance(hello, Hello):
+            raise ProtocolError("expected a hello first")
+        if hello.version != protocol.PROTOCOL_VERSION:
+            await self._send(stream, Error(
+                "version",
+                f"protocol version mismatch: client speaks {hello.version}, daemon"
+                f" (pid {os.getpid()}) speaks {protocol.PROTOCOL_VERSION}. Stop the"
+                " daemon (`kill` it) so that a matching one starts, or upgrade.",
+            ))
+            return
+        await self._send(stream, Welcome(protocol.PROTOCOL_VERSION, os.getpid()))
+        while True:
+            idle = math.inf if held else self.config.idle_timeout
+            body = await reader.read(idle)
+            if body is None:
+                return
+            request = protocol.decode_request(body)
+            try:
+                reply = await self._handle(request, peer_pid, held)
+            except LeaseError as err:
+                reply = Error(err.code, str(err))
+            except OSError as err:
+                log.warning("request %s failed: %s", type(request).__name__, err)
+                reply = Error("os-error", f"the daemon could not do that: {err}")
+            await stream.send_all(protocol.frame(reply))
+
+    async def _handle(self, request: protocol.Message, peer_pid: int, held: list[Lease]) -> protocol.Message:
+        match request:
+            case LeaseRequest():
+                lease = self.grant(request, peer_pid)
+                if request.holder_pid is None:
+                    held.append(lease)
+                return Granted(lease.info(), lease.record.env)
+            case Release(lease_id=lease_id):
+                lease = self.table.find(check_id(lease_id))
+                if lease in held:
+                    held.remove(lease)
+                    self.connected.discard(lease.lease_id)
+                reaped = await self.end_lease(lease, "released", clean=True)
+                return Released(lease.lease_id, reaped)
+            case Renew(lease_id=lease_id, ttl=ttl):
+                return self.renew(self.table.find(check_id(lease_id)), ttl)
+            case Bind(lease_id=lease_id, pid=pid):
+                lease = self.table.find(check_id(lease_id))
+                start = self._check_holder(pid)
+                self.table.update(lease, holder_pid=pid, holder_start=start)
+                return Bound(lease.lease_id)
+            case StatusRequest():
+                return Status(
+                    os.getpid(),
+                    str(self.config.root),
+                    [lease.info() for lease in self.table.leases.values() if lease.lease_id not in self.ending],
+                )
+            case GcRequest(dry_run=dry_run, grace=grace):
+                if grace is not None and not 0 <= grace < 10**9:
+                    raise LeaseError("bad-request", f"grace must be a non-negative number of seconds, not {grace}")
+                return GcReport(dry_run, await self.collect(dry_run, grace))
+            case Hello():
+                raise ProtocolError("hello sent twice")
+        raise ProtocolError(f"unsupported request {type(request).__name__}")
+
+    # -- leases ---------------------------------------------------------
+
+    def _check_holder(self, pid: int) -> float:
+        """Validate a holder pid named by a client; return its start time."""
+        if pid <= 1:
+            raise LeaseError("bad-holder", f"holder pid {pid} is not allowed: pick the process whose life bounds the lease")
+        start = start_time(pid)
+        if start is None:
+            raise LeaseError("bad-holder", f"holder pid {pid} does not exist")
+        try:
+            uid = psutil.Process(pid).uids().real
+        except psutil.Error:
+            raise LeaseError("bad-holder", f"holder pid {pid} does not exist") from None
+        if uid != os.getuid():
+            raise LeaseError("bad-holder", f"holder pid {pid} belongs to uid {uid}, not to you")
+        return start
+
+    def grant(self, request: LeaseRequest, peer_pid: int) -> Lease:
+        if len(self.table) >= self.config.max_leases:
+            raise LeaseError(
+                "too-many-leases",
+                f"the daemon holds {len(self.table)} leases, its limit (--max-leases);"
+                " release some or run `tractor-session status`",
+            )
+        if request.ttl is not None and not (0 < request.ttl < 10**9):
+            raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {request.ttl}")
+        by_connection = request.holder_pid is None
+        holder = peer_pid if by_connection else request.holder_pid
+        assert holder is not None
+        holder_start = start_time(holder) if by_connection and holder > 0 else self._check_holder(holder)
+        lease = self.table.grant(request, holder if holder > 0 else None, holder_start, by_connection)
+        if by_connection:
+            self.connected.add(lease.lease_id)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch, lease)
+        log.info(
+            "granted %s to pid %s: %s %s", lease.bindspace.name, holder,
+            lease.record.transport, lease.info().registry_addr,
+        )
+        return lease
+
+    def renew(self, lease: Lease, ttl: float | None) -> Renewed:
+        ttl = ttl if ttl is not None else lease.record.ttl
+        if ttl is None:
+            raise LeaseError("bad-request", f"lease {lease.lease_id} has no ttl; pass --ttl")
+        if not 0 < ttl < 10**9:
+            raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {ttl}")
+        expires = time.time() + ttl
+        self.table.update(lease, ttl=ttl, expires=expires)
+        if scope := self.watchers.get(lease.lease_id):
+            scope.deadline = trio.current_time() + ttl
+        return Renewed(lease.lease_id, expires)
+
+    async def _watch(self, lease: Lease) -> None:
+        """End ``lease`` when its holder dies or its ttl runs out."""
+        record = lease.record
+        with trio.CancelScope() as scope:
+            self.watchers[lease.lease_id] = scope
+            if record.expires is not None:
+                scope.deadline = trio.current_time() + (record.expires - time.time())
+            try:
+                if record.by_connection:
+                    # The connection handler ends the lease; after a daemon
+                    # restart the connection is gone and the pid rules.
+                    if lease.lease_id in self.connected:
+                        await trio.sleep_forever()
+                await self._wait_holder(lease)
+            finally:
+                self.watchers.pop(lease.lease_id, None)
+        if lease.ended or lease.lease_id in self.ending:
+            return
+        reason = "expired" if scope.cancelled_caught else f"holder pid {lease.record.holder_pid} died"
+        await self.end_lease(lease, reason)
+
+    async def _wait_holder(self, lease: Lease) -> None:
+        while True:
+            record = lease.record
+            proc = Process.open(record.holder_pid or 0, record.holder_start)
+            if proc is None:
+                return
+            try:
+                await proc.wait()
+            finally:
+                proc.close()
+            # A Bind may have moved the lease to another pid meanwhile.
+            if lease.record.holder_pid == record.holder_pid:
+                return
+
+    async def end_lease(self, lease: Lease, reason: str, clean: bool = False) -> list[Reaped]:
+        """End a lease: reap what its session left running, then free its
+        directory and port.  Concurrent calls wait for the first one."""
+        if lease.ended:
+            return []
+        if (done := self.ending.get(lease.lease_id)) is not None:
+            await done.wait()
+            return []
+        done = self.ending[lease.lease_id] = trio.Event()
+        if scope := self.watchers.get(lease.lease_id):
+            scope.cancel()
+        reaped: list[Reaped] = []
+        try:
+            if lease.record.reap:
+                reaped = await self.reap(lease.lease_id)
+            # Not reached when the daemon stops mid-reap: the lease then stays
+            # on disk and the next daemon, finding its holder dead, ends it.
+            self.table.end(lease)
+        finally:
+            del self.ending[lease.lease_id]
+            done.set()
+        if not clean or reaped:
+            log.info(
+                "ended %s (%s)%s", lease.bindspace.name, reason,
+                f", reaped {len(reaped)}: " + ", ".join(f"{r.pid} {r.cmdline[:60]!r}" for r in reaped)
+                if reaped else "",
+            )
+        return reaped
+
+    # -- garbage ----------------------------------------------------------
+
+    async def collect(self, dry_run: bool = False, grace: float | None = None) -> list[GcItem]:
+        """Find (and unless ``dry_run``, remove) the root's garbage."""
+        root = self.config.root
+        grace = self.config.gc_grace if grace is None else grace
+        findings = await trio.to_thread.run_sync(garbage.scan, root, grace)
+        # Taken after the scan: a lease granted while it ran is in the table
+        # by now, so its directory and processes are spared (grants happen
+        # in this thread, whole, between two awaits).
+        live = {*self.table.leases, *self.table.by_short}
+        findings.processes = {sid: v for sid, v in findings.processes.items() if sid not in live}
+        findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live]
+        if dry_run:
+            return findings.items()
+        process_items = findings.process_items()
+        for victims in findings.processes.values():
+            await self.reap_victims(victims)
+        removed = await trio.to_thread.run_sync(
+            garbage.remove, root, findings.bindspaces + findings.sockets
+        )
+        return process_items + removed
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            removed = await self.collect()
+            if removed:
+                kinds = sorted({item.kind for item in removed})
+                log.info("gc sweep removed %d item(s): %s", len(removed), ", ".join(kinds))
+            await trio.sleep(self.config.gc_interval)
+
+    async def reap(self, session_id: str) -> list[Reaped]:
+        """SIGINT a session's leftover processes, then SIGKILL what remains
+        after the grace period."""
+        victims = await trio.to_thread.run_sync(reaper.session_processes, session_id)
+        return await self.reap_victims(victims)
+
+    async def reap_victims(self, victims: list[reaper.Victim]) -> list[Reaped]:
+        handles = [(v, p) for v in victims if (p := Process.open(v.pid, v.start)) is not None]
+        if not handles:
+            return []
+        killed: list[Reaped] = []
+        try:
+            for _, proc in handles:
+                proc.send_signal(signal.SIGINT)
+            with trio.move_on_after(self.config.reap_grace):
+                async with trio.open_nursery() as nursery:
+                    for _, proc in handles:
+                        nursery.start_soon(proc.wait)
+            for victim, proc in handles:
+                if await proc.wait_or_timeout(0):
+                    killed.append(Reaped(victim.pid, victim.cmdline, "SIGINT"))
+                else:
+                    proc.send_signal(signal.SIGKILL)
+                    await proc.wait_or_timeout(5)
+                    killed.append(Reaped(victim.pid, victim.cmdline, "SIGKILL"))
+        finally:
+            for _, proc in handles:
+                proc.close()
+        return killed
+
+
+async def _open_listener(path: Path) -> trio.SocketListener:
+    """Bind the control socket owner-only.  Called under the daemon lock, so
+    a socket file already there is a dead daemon's and safe to replace."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(socket.SOMAXCONN)
+    return trio.SocketListener(sock)
+
+
+async def _serve(config: Config, ready_fd: int | None) -> None:
+    daemon = Daemon(config)
+    listener = await _open_listener(config.socket)
+
+    def on_ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run, listener, on_ready)
+                async for signum in signals:
+                    log.info(
+                        "stopping on %s; %d live leases stay on disk for the next daemon",
+                        signal.Signals(signum).name, len(daemon.table),
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        try:
+            os.unlink(config.socket)
+        except FileNotFoundError:
+            pass
+
+
+def serve(config: Config, ready_fd: int | None = None) -> int:
+    """Run the daemon in this process until SIGTERM/SIGINT; return the exit
+    status."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s tractor-session[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        paths.ensure_private_dir(config.root)
+        paths.ensure_private_dir(config.socket.parent)
+        lock_fd = acquire_daemon_lock(config.socket.parent)
+    except (AlreadyRunning, paths.UnsafePathError) as err:
+        print(f"tractor-session serve: {err}", file=sys.stderr)
+        return 1
+    if not paths.fits_af_unix(config.socket):
+        print(f"tractor-session serve: control socket path {config.socket} is too long for AF_UNIX", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_serve, config, ready_fd)
+    finally:
+        os.close(lock_fd)
+    return 0
+
+
+def check_id(lease_id: str) -> str:
+    if not protocol.LEASE_ID_RE.fullmatch(lease_id):
+        raise LeaseError("bad-request", f"{lease_id[:80]!r} is not a lease id (a uuid or its first 12 hex digits)")
+    return lease_id

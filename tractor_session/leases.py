@@ -1,0 +1,289 @@
+"""The lease table: granting, recording and ending sessions.
+
+Everything here is synchronous and quick (a few syscalls on a tmpfs), so
+the daemon calls it straight from its trio thread: no await splits picking
+a port from recording who holds it, which is what keeps two leases from
+ever sharing a port or a directory.
+
+Each lease is recorded in its own bindspace (:data:`RECORD_NAME`), written
+to a temporary file and renamed into place, so a daemon killed at any
+instant leaves either the old record or the new one.  A directory and its
+record are one unit: a restarted daemon re-adopts a lease by reading the
+records it finds, and a bindspace without a record is garbage once it is
+older than the GC grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from tractor_session import envelope
+from tractor_session.paths import ROOT_ENV, SOCKET_ENV, ensure_private_dir, fits_af_unix
+from tractor_session.ports import PortPool
+from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport
+
+RECORD_NAME = ".tractor-session-lease"
+BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
+UDS_REGISTRY_NAME = "registry@1616.sock"
+# The longest socket name tractor may create in a bindspace: a compacted
+# actor name and a 7-digit pid.
+DEEPEST_SOCKET_NAME = f"actor.{'0' * 32}@{'9' * 7}.sock"
+
+
+class LeaseError(RuntimeError):
+    """A lease cannot be granted or found.  ``code`` is sent to the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LeaseRecord(msgspec.Struct, forbid_unknown_fields=False):
+    """What a restarted daemon needs to take a lease over."""
+
+    lease_id: str
+    bindspace: str
+    transport: Transport
+    port: int | None
+    env: dict[str, str]
+    created: float
+    # The process whose life bounds the lease, identified by pid *and*
+    # start time so that a reused pid never keeps a dead holder's lease.
+    holder_pid: int | None
+    holder_start: float | None
+    # True while the lease is bound to a client connection (``lease --``);
+    # a restarted daemon then falls back to holder_pid, the command's pid.
+    by_connection: bool = False
+    ttl: float | None = None
+    expires: float | None = None
+    reap: bool = True
+    parent: str | None = None
+
+
+@dataclass(eq=False)
+class Lease:
+    record: LeaseRecord
+    ended: bool = False
+
+    @property
+    def lease_id(self) -> str:
+        return self.record.lease_id
+
+    @property
+    def bindspace(self) -> Path:
+        return Path(self.record.bindspace)
+
+    def info(self) -> LeaseInfo:
+        r = self.record
+        return LeaseInfo(
+            lease_id=r.lease_id,
+            bindspace=r.bindspace,
+            transport=r.transport,
+            registry_addr=registry_addr(r.transport, Path(r.bindspace), r.port),
+            port=r.port,
+            holder_pid=r.holder_pid,
+            created=r.created,
+            expires=r.expires,
+            parent=r.parent,
+            reap=r.reap,
+        )
+
+
+def registry_addr(transport: Transport, bindspace: Path, port: int | None) -> tuple[str, int | str]:
+    if transport == "uds":
+        return (str(bindspace / "tractor"), UDS_REGISTRY_NAME)
+    assert port is not None
+    return ("127.0.0.1", port)
+
+
+_record_encoder = msgspec.json.Encoder()
+_record_decoder = msgspec.json.Decoder(LeaseRecord)
+
+
+def write_record(record: LeaseRecord) -> None:
+    """Atomically (re)write a lease's record inside its bindspace."""
+    path = Path(record.bindspace) / RECORD_NAME
+    tmp = path.with_name(f"{RECORD_NAME}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, _record_encoder.encode(record))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_record(bindspace: Path) -> LeaseRecord | None:
+    """The record in ``bindspace``, or None if absent or unreadable."""
+    try:
+        fd = os.open(bindspace / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    try:
+        record = _record_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    # A record only counts for the directory it sits in.
+    if Path(record.bindspace) != bindspace or not record.lease_id.startswith(bindspace.name):
+        return None
+    return record
+
+
+def remove_bindspace(root: Path, bindspace: Path) -> None:
+    """Remove a session directory without ever following a symlink.
+
+    ``shutil.rmtree`` works through directory fds on Linux and the BSDs,
+    so a link swapped in mid-removal cannot send it outside the tree.
+    """
+    if bindspace.parent != root or not BINDSPACE_NAME_RE.fullmatch(bindspace.name):
+        raise ValueError(f"refusing to remove {bindspace}: not a bindspace of {root}")
+    try:
+        st = os.lstat(bindspace)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(bindspace, ignore_errors=True)
+    else:
+        os.unlink(bindspace)
+
+
+class LeaseTable:
+    """The live leases of one daemon, and the resources they hold."""
+
+    def __init__(self, root: Path, ports: PortPool, control_socket: Path) -> None:
+        self.root = root
+        self.ports = ports
+        self.control_socket = control_socket
+        self.leases: dict[str, Lease] = {}
+        # 12-hex names handed out, so prefix lookups and collisions are O(1).
+        self.by_short: dict[str, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self.leases)
+
+    def find(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id) or self.by_short.get(lease_id)
+        if lease is None:
+            raise LeaseError("unknown-lease", f"no live lease {lease_id!r}; see `tractor-session status`")
+        return lease
+
+    def grant(
+        self,
+        req: LeaseRequest,
+        holder_pid: int | None,
+        holder_start: float | None,
+        by_connection: bool,
+    ) -> Lease:
+        """Create a session: directory, port, record and envelope.
+
+        On any failure nothing is left behind: the directory is removed and
+        the port given back before the error propagates.
+        """
+        if req.parent is not None and req.parent not in self.leases:
+            raise LeaseError("unknown-lease", f"parent lease {req.parent!r} is not live")
+        lease_id, bindspace = self._new_bindspace()
+        port: int | None = None
+        try:
+            tractor_dir = ensure_private_dir(bindspace / "tractor")
+            deepest = tractor_dir / DEEPEST_SOCKET_NAME
+            if not fits_af_unix(deepest):
+                raise LeaseError(
+                    "path-too-long",
+                    f"socket paths in the bindspace would be too long for AF_UNIX:"
+                    f" {deepest} is {len(os.fsencode(deepest))} bytes. Use a shorter"
+                    f" runtime root (set {ROOT_ENV}).",
+                )
+            if req.transport == "tcp":
+                port = self.ports.take()
+            now = time.time()
+            record = LeaseRecord(
+                lease_id=lease_id,
+                bindspace=str(bindspace),
+                transport=req.transport,
+                port=port,
+                env=self._envelope(lease_id, bindspace, req, port),
+                created=now,
+                holder_pid=holder_pid,
+                holder_start=holder_start,
+                by_connection=by_connection,
+                ttl=req.ttl,
+                expires=now + req.ttl if req.ttl is not None else None,
+                reap=req.reap,
+                parent=req.parent,
+            )
+            write_record(record)
+        except BaseException:
+            if port is not None:
+                self.ports.give_back(port)
+            remove_bindspace(self.root, bindspace)
+            raise
+        return self._add(record)
+
+    def adopt(self, record: LeaseRecord) -> Lease:
+        """Take over a lease recorded by an earlier daemon."""
+        if record.port is not None:
+            self.ports.adopt(record.port)
+        return self._add(record)
+
+    def _add(self, record: LeaseRecord) -> Lease:
+        lease = Lease(record)
+        self.leases[record.lease_id] = lease
+        self.by_short[Path(record.bindspace).name] = lease
+        return lease
+
+    def update(self, lease: Lease, **changes: object) -> None:
+        """Change a lease's record, on disk first."""
+        new = msgspec.structs.replace(lease.record, **changes)
+        write_record(new)
+        lease.record = new
+
+    def end(self, lease: Lease) -> None:
+        """Forget a lease and free its directory and port.  Idempotent."""
+        if self.leases.pop(lease.lease_id, None) is None:
+            return
+        lease.ended = True
+        del self.by_short[lease.bindspace.name]
+        remove_bindspace(self.root, lease.bindspace)
+        if lease.record.port is not None:
+            self.ports.give_back(lease.record.port)
+
+    def _new_bindspace(self) -> tuple[str, Path]:
+        for _ in range(100):
+            lease_id = str(uuid.uuid4())
+            bindspace = self.root / lease_id.replace("-", "")[:12]
+            try:
+                os.mkdir(bindspace, 0o700)
+            except FileExistsError:
+                continue
+            os.chmod(bindspace, 0o700)
+            return lease_id, bindspace
+        raise LeaseError("collision", f"could not create a unique bindspace in {self.root}")
+
+    def _envelope(self, lease_id: str, bindspace: Path, req: LeaseRequest, port: int | None) -> dict[str, str]:
+        rtvars = envelope.RuntimeVars(
+            _session_uuid=lease_id,
+            _bindspace=str(bindspace),
+            _enable_tpts=[req.transport],
+            _registry_addrs=[registry_addr(req.transport, bindspace, port)],
+        )
+        name, value = envelope.dump_rtvars(rtvars)
+        env = {
+            name: value,
+            SOCKET_ENV: str(self.control_socket),
+            ROOT_ENV: str(self.root),
+        }
+        if req.set_xdg:
+            env["XDG_RUNTIME_DIR"] = str(bindspace)
+        return env

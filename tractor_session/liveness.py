@@ -1,0 +1,97 @@
+"""Knowing, from trio, when a process is gone.
+
+On Linux a pidfd becomes readable the moment its process exits, so the
+daemon learns of a holder's death at once without polling, and a signal
+sent through the pidfd cannot hit a process that reused the pid.
+Elsewhere we poll with psutil.
+
+A process is named by its pid *and* its start time: a pid alone may have
+been reused by an unrelated process since we first saw it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import psutil
+import trio
+
+POLL_INTERVAL = 0.5
+HAVE_PIDFD = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+
+
+def start_time(pid: int) -> float | None:
+    """The start time of ``pid``, or None if no such process runs."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def is_alive(pid: int, start: float | None) -> bool:
+    """Whether the process ``pid`` that started at ``start`` still runs."""
+    now = start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+class Process:
+    """A handle on one process that survives pid reuse.
+
+    ``open()`` returns None when the process is already gone (or the pid now
+    names another process), so callers never signal or wait on a stranger.
+    """
+
+    def __init__(self, pid: int, start: float | None, pidfd: int | None) -> None:
+        self.pid = pid
+        self.start = start
+        self._pidfd = pidfd
+
+    @classmethod
+    def open(cls, pid: int, start: float | None) -> Process | None:
+        pidfd: int | None = None
+        if HAVE_PIDFD:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                return None
+        # Checked after opening the pidfd: if the start time still matches,
+        # the fd refers to the process we mean.
+        if not is_alive(pid, start):
+            if pidfd is not None:
+                os.close(pidfd)
+            return None
+        return cls(pid, start, pidfd)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            elif is_alive(self.pid, self.start):
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    async def wait(self) -> None:
+        """Return once the process has exited (zombies count as exited)."""
+        if self._pidfd is not None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            return
+        while is_alive(self.pid, self.start):
+            await trio.sleep(POLL_INTERVAL)
+
+    async def wait_or_timeout(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True if the process exited."""
+        with trio.move_on_after(timeout):
+            await self.wait()
+            return True
+        return not is_alive(self.pid, self.start)

@@ -1,0 +1,173 @@
+"""Finding and ending a session's leftover processes.
+
+A session's processes are recognised by their environment, not their
+ancestry: a SIGKILLed actor's subactors are re-parented to init and keep
+running, but they still carry the session id in ``_TRACTOR_RT_VARS``, the
+environment they were exec'd with.  Their descendants go with them.
+
+Scanning reads ``/proc/<pid>/environ`` of this user's processes directly,
+which is several times faster than going through psutil for each one;
+elsewhere psutil does the same job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from tractor_session import envelope
+
+_MARKER = envelope._TRACTOR_RT_VARS_OSENV.encode() + b"="
+Match = Callable[[envelope.RuntimeVars], bool]
+
+
+@dataclass(frozen=True)
+class Victim:
+    pid: int
+    start: float
+    cmdline: str
+
+
+def _rtvars_of(environ: bytes) -> envelope.RuntimeVars | None:
+    for entry in environ.split(b"\0"):
+        if entry.startswith(_MARKER):
+            try:
+                return envelope.load_rtvars(
+                    {envelope._TRACTOR_RT_VARS_OSENV: entry[len(_MARKER):].decode()}
+                )
+            except (envelope.EnvelopeError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _linux_marked(needle: bytes, match: Match) -> dict[int, str]:
+    uid = os.getuid()
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        # A cheap byte search first: most processes carry no envelope.
+        if needle not in data or (rtvars := _rtvars_of(data)) is None:
+            continue
+        if rtvars._session_uuid is not None and match(rtvars):
+            found[int(name)] = rtvars._session_uuid
+    return found
+
+
+def _psutil_marked(match: Match) -> dict[int, str]:
+    uid = os.getuid()
+    found: dict[int, str] = {}
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.pid == os.getpid() or proc.info["uids"].real != uid:
+                continue
+            value = proc.environ().get(envelope._TRACTOR_RT_VARS_OSENV)
+        except (psutil.Error, AttributeError):
+            continue
+        if value is None:
+            continue
+        try:
+            rtvars = envelope.load_rtvars({envelope._TRACTOR_RT_VARS_OSENV: value})
+        except envelope.EnvelopeError:
+            continue
+        if rtvars._session_uuid is not None and match(rtvars):
+            found[proc.pid] = rtvars._session_uuid
+    return found
+
+
+def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
+    uid = os.getuid()
+    me = os.getpid()
+    groups: dict[str, list[Victim]] = {}
+    seen: set[int] = set()
+    for pid, sid in marked.items():
+        try:
+            top = psutil.Process(pid)
+            family = [top, *top.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in family:
+            if proc.pid in seen or proc.pid == me:
+                continue
+            try:
+                if proc.uids().real != uid:
+                    continue
+                victim = Victim(proc.pid, proc.create_time(), " ".join(proc.cmdline()) or proc.name())
+            except psutil.Error:
+                continue
+            seen.add(proc.pid)
+            groups.setdefault(sid, []).append(victim)
+    return groups
+
+
+def _find(needle: str, match: Match) -> dict[str, list[Victim]]:
+    if sys.platform.startswith("linux"):
+        marked = _linux_marked(needle.encode(), match)
+    else:
+        marked = _psutil_marked(match)
+    return _with_descendants(marked)
+
+
+def session_processes(session_id: str) -> list[Victim]:
+    """This user's processes carrying ``session_id``, with descendants."""
+    return _find(session_id, lambda rv: rv._session_uuid == session_id).get(session_id, [])
+
+
+def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
+    """This user's processes of any session whose bindspace is in ``root``,
+    grouped by session id.  Sessions of other roots (another daemon's) are
+    none of our business."""
+    prefix = str(root) + os.sep
+    return _find(
+        prefix,
+        lambda rv: rv._bindspace is not None
+        and rv._bindspace.startswith(prefix)
+        and os.sep not in rv._bindspace[len(prefix):],
+    )
+
+
+def _alive(v: Victim) -> bool:
+    try:
+        proc = psutil.Process(v.pid)
+        return proc.create_time() == v.start and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def terminate(victims: list[Victim], grace: float) -> list[tuple[Victim, str]]:
+    """End ``victims`` without an event loop: SIGINT, up to ``grace`` seconds
+    for them to go, then SIGKILL.  Returns each victim with the signal that
+    ended it.  (The daemon does the same with pidfds, without polling.)"""
+    for v in victims:
+        if _alive(v):
+            try:
+                os.kill(v.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    left = [v for v in victims if _alive(v)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [v for v in left if _alive(v)]
+    for v in left:
+        try:
+            os.kill(v.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = set(left)
+    return [(v, "SIGKILL" if v in killed else "SIGINT") for v in victims]
