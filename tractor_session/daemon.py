@@ -12,11 +12,11 @@ re-adopts them.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import struct
@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import trio
 
-from tractor_session import garbage, paths, protocol, reaper
+from tractor_session import garbage, paths, protocol, reaper, systemd
 from tractor_session.leases import (
     BINDSPACE_NAME_RE,
     Lease,
@@ -38,7 +38,7 @@ from tractor_session.leases import (
     read_record,
 )
 from tractor_session.liveness import Process, is_alive, start_time
-from tractor_session.ports import DEFAULT_POOL, PortPool
+from tractor_session.ports import DEFAULT_POOL, PortPool, PortPoolError
 from tractor_session.protocol import (
     Bind,
     Bound,
@@ -162,8 +162,9 @@ class FrameReader:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: systemd.Notifier) -> None:
         self.config = config
+        self.notifier = notifier
         self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
         self.watchers: dict[str, trio.CancelScope] = {}
         self.ending: dict[str, trio.Event] = {}
@@ -353,6 +354,7 @@ class Daemon:
         lease = self.table.grant(request, holder if holder > 0 else None, holder_start, by_connection)
         if by_connection:
             self.connected.add(lease.lease_id)
+        self._announce()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch, lease)
         log.info(
@@ -360,6 +362,9 @@ class Daemon:
             lease.record.transport, lease.info().registry_addr,
         )
         return lease
+
+    def _announce(self) -> None:
+        self.notifier.send(f"STATUS={len(self.table)} live leases")
 
     def renew(self, lease: Lease, ttl: float | None) -> Renewed:
         ttl = ttl if ttl is not None else lease.record.ttl
@@ -421,11 +426,15 @@ class Daemon:
             scope.cancel()
         reaped: list[Reaped] = []
         try:
+            for child_id in list(self.table.children.get(lease.lease_id, ())):
+                if (child := self.table.leases.get(child_id)) is not None:
+                    await self.end_lease(child, f"its parent {lease.bindspace.name} ended")
             if lease.record.reap:
                 reaped = await self.reap(lease.lease_id)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
             self.table.end(lease)
+            self._announce()
         finally:
             del self.ending[lease.lease_id]
             done.set()
@@ -499,72 +508,100 @@ class Daemon:
         return killed
 
 
-async def _open_listener(path: Path) -> trio.SocketListener:
+def _bind_control_socket(path: Path) -> socket.socket:
     """Bind the control socket owner-only.  Called under the daemon lock, so
     a socket file already there is a dead daemon's and safe to replace."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        await sock.bind(str(path))
+        sock.bind(str(path))
     finally:
         os.umask(old_umask)
     sock.listen(socket.SOMAXCONN)
-    return trio.SocketListener(sock)
+    return sock
 
 
-async def _serve(config: Config, ready_fd: int | None) -> None:
-    daemon = Daemon(config)
-    listener = await _open_listener(config.socket)
+async def _serve(daemon: Daemon, sock: socket.socket, notifier: systemd.Notifier, ready_fd: int | None) -> None:
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def on_ready() -> None:
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
+        notifier.send("READY=1", f"STATUS={len(daemon.table)} live leases")
 
-    try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(daemon.run, listener, on_ready)
-                async for signum in signals:
-                    log.info(
-                        "stopping on %s; %d live leases stay on disk for the next daemon",
-                        signal.Signals(signum).name, len(daemon.table),
-                    )
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run, listener, on_ready)
+            if notifier.watchdog_interval is not None:
+                nursery.start_soon(_feed_watchdog, notifier, notifier.watchdog_interval)
+            async for signum in signals:
+                notifier.send("STOPPING=1")
+                log.info(
+                    "stopping on %s; %d live leases stay on disk for the next daemon",
+                    signal.Signals(signum).name, len(daemon.table),
+                )
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _feed_watchdog(notifier: systemd.Notifier, interval: float) -> None:
+    while True:
+        notifier.send("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def _raise_fd_limit() -> None:
+    """Each connection and each holder's pidfd is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
         try:
-            os.unlink(config.socket)
-        except FileNotFoundError:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
             pass
 
 
 def serve(config: Config, ready_fd: int | None = None) -> int:
     """Run the daemon in this process until SIGTERM/SIGINT; return the exit
-    status."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s tractor-session[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    status.  Under systemd, serve on the socket it passes and report
+    readiness; otherwise bind ``config.socket``."""
+    systemd.configure_logging()
+    notifier = systemd.Notifier()
     try:
-        paths.ensure_private_dir(config.root)
-        paths.ensure_private_dir(config.socket.parent)
-        lock_fd = acquire_daemon_lock(config.socket.parent)
-    except (AlreadyRunning, paths.UnsafePathError) as err:
+        activated = systemd.take_listen_socket()
+    except RuntimeError as err:
         print(f"tractor-session serve: {err}", file=sys.stderr)
         return 1
+    if activated is not None:
+        config.socket = Path(activated.getsockname())
     if not paths.fits_af_unix(config.socket):
         print(f"tractor-session serve: control socket path {config.socket} is too long for AF_UNIX", file=sys.stderr)
         return 1
     try:
-        trio.run(_serve, config, ready_fd)
+        paths.ensure_private_dir(config.root)
+        paths.ensure_private_dir(config.socket.parent)
+        lock_fd = acquire_daemon_lock(config.socket.parent)
+        daemon = Daemon(config, notifier)
+    except (AlreadyRunning, paths.UnsafePathError, PortPoolError) as err:
+        print(f"tractor-session serve: {err}", file=sys.stderr)
+        return 1
+    _raise_fd_limit()
+    sock = activated if activated is not None else _bind_control_socket(config.socket)
+    try:
+        trio.run(_serve, daemon, sock, notifier, ready_fd)
     finally:
+        # systemd owns an activated socket's file: it must outlive us.
+        if activated is None:
+            try:
+                os.unlink(config.socket)
+            except FileNotFoundError:
+                pass
         os.close(lock_fd)
+        notifier.close()
     return 0
 
 

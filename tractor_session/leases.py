@@ -169,6 +169,8 @@ class LeaseTable:
         self.leases: dict[str, Lease] = {}
         # 12-hex names handed out, so prefix lookups and collisions are O(1).
         self.by_short: dict[str, Lease] = {}
+        # parent lease id -> ids of its children (an xdist run's workers).
+        self.children: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self.leases)
@@ -241,6 +243,8 @@ class LeaseTable:
         lease = Lease(record)
         self.leases[record.lease_id] = lease
         self.by_short[Path(record.bindspace).name] = lease
+        if record.parent is not None:
+            self.children.setdefault(record.parent, set()).add(record.lease_id)
         return lease
 
     def update(self, lease: Lease, **changes: object) -> None:
@@ -255,6 +259,10 @@ class LeaseTable:
             return
         lease.ended = True
         del self.by_short[lease.bindspace.name]
+        if (parent := lease.record.parent) is not None and (siblings := self.children.get(parent)):
+            siblings.discard(lease.lease_id)
+            if not siblings:
+                del self.children[parent]
         remove_bindspace(self.root, lease.bindspace)
         if lease.record.port is not None:
             self.ports.give_back(lease.record.port)
