@@ -225,6 +225,14 @@ def _gc_directly(dry_run: bool, grace: float | None) -> list[GcItem]:
     return findings.process_items() + garbage.remove(root, findings.bindspaces + findings.sockets)
 
 
+def cmd_systemd(args: argparse.Namespace) -> int:
+    from tractor_session import systemd
+
+    said = systemd.install(args.now) if args.action == "install" else systemd.uninstall()
+    print("\n".join(said))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tractor_session import daemon, ports
 
@@ -350,6 +358,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long a client may take to send one whole request (default: 5)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "systemd", formatter_class=fmt, help="install the daemon as a systemd user service",
+        description="install: write tractor-session.socket and .service into\n"
+        "~/.config/systemd/user/ (ExecStart= runs this installation), run\n"
+        "`systemctl --user daemon-reload`, and with --now enable and start the socket.\n"
+        "uninstall: stop, disable and remove them.",
+        epilog="examples:\n  tractor-session systemd install --now\n  tractor-session systemd uninstall",
+    )
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--now", action="store_true", help="also enable and start the socket unit")
+    p.set_defaults(func=cmd_systemd)
     return parser
 
 
