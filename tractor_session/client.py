@@ -40,6 +40,7 @@ from tractor_session.protocol import (
 )
 
 DAEMON_START_TIMEOUT = 10.0
+REPLY_TIMEOUT = 60.0
 # Variables that belong to a session and must not leak into a daemon we
 # start from inside one: the daemon is everyone's, not the session's.
 _SESSION_VARS = (envelope._TRACTOR_RT_VARS_OSENV, "XDG_RUNTIME_DIR")
@@ -58,10 +59,33 @@ class Connection:
     """One connection to the daemon.  Leases taken without a holder pid
     live exactly as long as it stays open."""
 
-    def __init__(self, sock: socket.socket, daemon_pid: int) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.daemon_pid = daemon_pid
         self._buf = bytearray()
+        # The Hello goes out with the first request and its Welcome is read
+        # before that request's reply: one round trip saved per connection.
+        self._hello: bytes | None = protocol.frame(Hello(protocol.PROTOCOL_VERSION, "tractor-session"))
+        self._daemon_pid = 0
+
+    @property
+    def daemon_pid(self) -> int:
+        if self._hello is not None:
+            try:
+                self._handshake(b"")
+            except OSError as err:
+                raise ClientError("unreachable", f"the daemon did not answer: {err}") from None
+        return self._daemon_pid
+
+    def _handshake(self, request: bytes) -> None:
+        assert self._hello is not None
+        self.sock.sendall(self._hello + request)
+        self._hello = None
+        reply = self.receive()
+        if isinstance(reply, Error):
+            raise ClientError(reply.code, reply.message)
+        if not isinstance(reply, Welcome):
+            raise ClientError("protocol", f"unexpected reply to hello: {type(reply).__name__}")
+        self._daemon_pid = reply.daemon_pid
 
     def __enter__(self) -> Connection:
         return self
@@ -89,7 +113,10 @@ class Connection:
 
     def request(self, msg: protocol.Message) -> Reply:
         try:
-            self.sock.sendall(protocol.frame(msg))
+            if self._hello is not None:
+                self._handshake(protocol.frame(msg))
+            else:
+                self.sock.sendall(protocol.frame(msg))
             reply = self.receive()
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
@@ -136,22 +163,11 @@ class Connection:
         return reply
 
 
-def _handshake(sock: socket.socket) -> Connection:
-    conn = Connection(sock, daemon_pid=0)
-    sock.sendall(protocol.frame(Hello(protocol.PROTOCOL_VERSION, "tractor-session")))
-    reply = conn.receive()
-    if isinstance(reply, Error):
-        sock.close()
-        raise ClientError(reply.code, reply.message)
-    if not isinstance(reply, Welcome):
-        sock.close()
-        raise ClientError("protocol", f"unexpected reply to hello: {type(reply).__name__}")
-    conn.daemon_pid = reply.daemon_pid
-    return conn
-
-
 def _try_connect(path: Path) -> Connection | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Long enough for a release that waits out a reap grace period; short
+    # enough that a wedged daemon gives an error instead of a hang.
+    sock.settimeout(REPLY_TIMEOUT)
     try:
         sock.connect(os.fspath(path))
     except (FileNotFoundError, ConnectionRefusedError):
@@ -160,11 +176,7 @@ def _try_connect(path: Path) -> Connection | None:
     except OSError as err:
         sock.close()
         raise ClientError("unreachable", f"cannot connect to {path}: {err}") from None
-    try:
-        return _handshake(sock)
-    except OSError as err:
-        sock.close()
-        raise ClientError("unreachable", f"the daemon at {path} did not answer: {err}") from None
+    return Connection(sock)
 
 
 def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Connection:

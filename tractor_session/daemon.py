@@ -37,7 +37,7 @@ from tractor_session.leases import (
     LeaseTable,
     read_record,
 )
-from tractor_session.liveness import Process, is_alive, start_time
+from tractor_session.liveness import Process, is_alive, last_pid, start_time
 from tractor_session.ports import DEFAULT_POOL, PortPool, PortPoolError
 from tractor_session.protocol import (
     Bind,
@@ -170,6 +170,8 @@ class Daemon:
         self.ending: dict[str, trio.Event] = {}
         # Leases bound to a connection of this daemon; ended by its handler.
         self.connected: set[str] = set()
+        # lease id -> the host's last pid just before its envelope existed.
+        self.spawn_marks: dict[str, int] = {}
         self.connections = 0
         self._nursery: trio.Nursery | None = None
 
@@ -351,13 +353,16 @@ class Daemon:
         holder = peer_pid if by_connection else request.holder_pid
         assert holder is not None
         holder_start = start_time(holder) if by_connection and holder > 0 else self._check_holder(holder)
+        mark = last_pid()
         lease = self.table.grant(request, holder if holder > 0 else None, holder_start, by_connection)
         if by_connection:
             self.connected.add(lease.lease_id)
+        if mark is not None:
+            self.spawn_marks[lease.lease_id] = mark
         self._announce()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch, lease)
-        log.info(
+        log.debug(
             "granted %s to pid %s: %s %s", lease.bindspace.name, holder,
             lease.record.transport, lease.info().registry_addr,
         )
@@ -429,13 +434,14 @@ class Daemon:
             for child_id in list(self.table.children.get(lease.lease_id, ())):
                 if (child := self.table.leases.get(child_id)) is not None:
                     await self.end_lease(child, f"its parent {lease.bindspace.name} ended")
-            if lease.record.reap:
+            if lease.record.reap and self._may_have_processes(lease):
                 reaped = await self.reap(lease.lease_id)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
             self.table.end(lease)
             self._announce()
         finally:
+            self.spawn_marks.pop(lease.lease_id, None)
             del self.ending[lease.lease_id]
             done.set()
         if not clean or reaped:
@@ -476,6 +482,16 @@ class Daemon:
                 kinds = sorted({item.kind for item in removed})
                 log.info("gc sweep removed %d item(s): %s", len(removed), ", ".join(kinds))
             await trio.sleep(self.config.gc_interval)
+
+    def _may_have_processes(self, lease: Lease) -> bool:
+        """False only when no process at all was created on the host since
+        the lease was granted: then none can carry its envelope, and the
+        scan of every process is skipped (the common clean release).  The
+        age bound keeps pid wrap-around out of the question."""
+        mark = self.spawn_marks.get(lease.lease_id)
+        if mark is None or time.time() - lease.record.created > 60:
+            return True
+        return last_pid() != mark
 
     async def reap(self, session_id: str) -> list[Reaped]:
         """SIGINT a session's leftover processes, then SIGKILL what remains
@@ -590,6 +606,8 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
         print(f"tractor-session serve: {err}", file=sys.stderr)
         return 1
     _raise_fd_limit()
+    # Everything the daemon creates is owner-only, without a chmod each time.
+    os.umask(0o077)
     sock = activated if activated is not None else _bind_control_socket(config.socket)
     try:
         trio.run(_serve, daemon, sock, notifier, ready_fd)

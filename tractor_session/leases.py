@@ -15,6 +15,7 @@ older than the GC grace period.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from pathlib import Path
 import msgspec
 
 from tractor_session import envelope
-from tractor_session.paths import ROOT_ENV, SOCKET_ENV, ensure_private_dir, fits_af_unix
+from tractor_session.paths import ROOT_ENV, SOCKET_ENV, fits_af_unix
 from tractor_session.ports import PortPool
 from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport
 
@@ -109,8 +110,22 @@ _record_encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(LeaseRecord)
 
 
+def create_record(record: LeaseRecord) -> None:
+    """Write the first record of a brand-new bindspace.
+
+    No temporary file is needed: a crash mid-write leaves a record that does
+    not parse, which counts as no record, the state before the write.
+    """
+    path = Path(record.bindspace) / RECORD_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, _record_encoder.encode(record))
+    finally:
+        os.close(fd)
+
+
 def write_record(record: LeaseRecord) -> None:
-    """Atomically (re)write a lease's record inside its bindspace."""
+    """Atomically rewrite a lease's record inside its bindspace."""
     path = Path(record.bindspace) / RECORD_NAME
     tmp = path.with_name(f"{RECORD_NAME}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -153,10 +168,32 @@ def remove_bindspace(root: Path, bindspace: Path) -> None:
         st = os.lstat(bindspace)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(bindspace, ignore_errors=True)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(bindspace)
+        return
+    # The common case, a session that left nothing, in three syscalls;
+    # anything else (sockets, links, files) goes through rmtree.
+    try:
+        os.unlink(bindspace / RECORD_NAME)
+        os.rmdir(bindspace / "tractor")
+        os.rmdir(bindspace)
+    except OSError:
+        shutil.rmtree(bindspace, ignore_errors=True)
+
+
+def explain_os_error(err: OSError, root: Path) -> str:
+    """Turn a failed syscall into a message that says what to do next."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the filesystem of {root} is full (no space or no inodes left): {err.strerror}."
+            " Free some space there (`tractor-session gc` removes stale sessions) and retry."
+        )
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return (
+            f"the daemon is out of file descriptors ({err.strerror}); retry once"
+            " some leases are released, or raise `ulimit -n` for it"
+        )
+    return f"could not create the session under {root}: {err}"
 
 
 class LeaseTable:
@@ -195,10 +232,15 @@ class LeaseTable:
         """
         if req.parent is not None and req.parent not in self.leases:
             raise LeaseError("unknown-lease", f"parent lease {req.parent!r} is not live")
-        lease_id, bindspace = self._new_bindspace()
+        try:
+            lease_id, bindspace = self._new_bindspace()
+        except OSError as err:
+            raise LeaseError("os-error", explain_os_error(err, self.root)) from None
         port: int | None = None
         try:
-            tractor_dir = ensure_private_dir(bindspace / "tractor")
+            # No checks needed: the parent is ours alone, made just now.
+            tractor_dir = bindspace / "tractor"
+            os.mkdir(tractor_dir, 0o700)
             deepest = tractor_dir / DEEPEST_SOCKET_NAME
             if not fits_af_unix(deepest):
                 raise LeaseError(
@@ -225,11 +267,13 @@ class LeaseTable:
                 reap=req.reap,
                 parent=req.parent,
             )
-            write_record(record)
-        except BaseException:
+            create_record(record)
+        except BaseException as err:
             if port is not None:
                 self.ports.give_back(port)
             remove_bindspace(self.root, bindspace)
+            if isinstance(err, OSError):
+                raise LeaseError("os-error", explain_os_error(err, self.root)) from None
             raise
         return self._add(record)
 
@@ -272,10 +316,10 @@ class LeaseTable:
             lease_id = str(uuid.uuid4())
             bindspace = self.root / lease_id.replace("-", "")[:12]
             try:
+                # The daemon runs with umask 077, so this is exactly 0700.
                 os.mkdir(bindspace, 0o700)
             except FileExistsError:
                 continue
-            os.chmod(bindspace, 0o700)
             return lease_id, bindspace
         raise LeaseError("collision", f"could not create a unique bindspace in {self.root}")
 

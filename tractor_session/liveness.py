@@ -20,10 +20,44 @@ import trio
 
 POLL_INTERVAL = 0.5
 HAVE_PIDFD = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+HAVE_PROC_STAT = sys.platform.startswith("linux")
+
+
+def last_pid() -> int | None:
+    """The pid most recently handed out on this host (Linux), or None.
+
+    If it has not changed between two readings, no process (or thread) was
+    created in between: the daemon uses that to skip scanning for a
+    session's leftovers when nothing can have been started inside it.
+    """
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start_time(pid: int) -> float | None:
-    """The start time of ``pid``, or None if no such process runs."""
+    """A stamp of when ``pid`` started, or None if no such process runs.
+
+    Only ever compared with another stamp from this function: on Linux it
+    is the start time in clock ticks since boot, read with one ``read`` of
+    ``/proc/<pid>/stat`` (this is on the hot path of every lease);
+    elsewhere psutil's creation time.
+    """
+    if pid <= 0:
+        return None
+    if HAVE_PROC_STAT:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        # Fields after the command name, which may itself contain ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):  # zombie or dead: gone for our purposes
+            return None
+        return float(fields[19])
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -54,11 +88,17 @@ class Process:
     @classmethod
     def open(cls, pid: int, start: float | None) -> Process | None:
         pidfd: int | None = None
+        if pid <= 0:
+            return None
         if HAVE_PIDFD:
             try:
                 pidfd = os.pidfd_open(pid)
-            except OSError:
+            except ProcessLookupError:
                 return None
+            except OSError:
+                # Out of file descriptors, say: never mistake that for a
+                # death; fall back to polling.
+                pidfd = None
         # Checked after opening the pidfd: if the start time still matches,
         # the fd refers to the process we mean.
         if not is_alive(pid, start):

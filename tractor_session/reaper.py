@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from tractor_session import envelope
+from tractor_session.liveness import is_alive, start_time
 
 _MARKER = envelope._TRACTOR_RT_VARS_OSENV.encode() + b"="
 Match = Callable[[envelope.RuntimeVars], bool]
@@ -107,8 +108,11 @@ def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
             try:
                 if proc.uids().real != uid:
                     continue
-                victim = Victim(proc.pid, proc.create_time(), " ".join(proc.cmdline()) or proc.name())
+                start = start_time(proc.pid)
+                victim = Victim(proc.pid, start or 0.0, " ".join(proc.cmdline()) or proc.name())
             except psutil.Error:
+                continue
+            if start is None:
                 continue
             seen.add(proc.pid)
             groups.setdefault(sid, []).append(victim)
@@ -141,29 +145,21 @@ def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
     )
 
 
-def _alive(v: Victim) -> bool:
-    try:
-        proc = psutil.Process(v.pid)
-        return proc.create_time() == v.start and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def terminate(victims: list[Victim], grace: float) -> list[tuple[Victim, str]]:
     """End ``victims`` without an event loop: SIGINT, up to ``grace`` seconds
     for them to go, then SIGKILL.  Returns each victim with the signal that
     ended it.  (The daemon does the same with pidfds, without polling.)"""
     for v in victims:
-        if _alive(v):
+        if is_alive(v.pid, v.start):
             try:
                 os.kill(v.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + grace
-    left = [v for v in victims if _alive(v)]
+    left = [v for v in victims if is_alive(v.pid, v.start)]
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [v for v in left if _alive(v)]
+        left = [v for v in left if is_alive(v.pid, v.start)]
     for v in left:
         try:
             os.kill(v.pid, signal.SIGKILL)
