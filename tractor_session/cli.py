@@ -21,7 +21,7 @@ import msgspec
 
 from tractor_session import paths
 from tractor_session.client import ClientError, Connection, connect
-from tractor_session.protocol import GcItem, Granted, LeaseInfo, Released
+from tractor_session.protocol import GcItem, Granted, LeaseInfo, Released, short_name
 
 PROG = "tractor-session"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -79,7 +79,7 @@ def _kernel_already_delivered(sig: int) -> bool:
     """Whether a SIGINT most likely came from the terminal, which sends it
     to the whole foreground process group, CMD included: forwarding it too
     would hit CMD twice (and a second ^C aborts pytest's teardown)."""
-    if sig != signal.SIGINT:
+    if sig != signal.SIGINT or sys.stdin is None:
         return False
     try:
         return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
@@ -118,7 +118,7 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
         kinds = sorted({r.signal for r in released.reaped})
         print(
             f"{PROG}: reaped {len(released.reaped)} leftover process(es) of session"
-            f" {lease_id[:12]} ({'/'.join(kinds)}): "
+            f" {short_name(lease_id)} ({'/'.join(kinds)}): "
             + ", ".join(f"{r.pid} {r.cmdline[:40]}" for r in released.reaped[:5]),
             file=sys.stderr,
         )
@@ -243,7 +243,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = daemon.Config(
             root=root, socket=sock, port_pool=pool, reap_grace=args.reap_grace,
             max_leases=args.max_leases, gc_interval=args.gc_interval, gc_grace=args.gc_grace,
-            request_timeout=args.request_timeout,
+            request_timeout=args.request_timeout, max_message_bytes=args.max_message_bytes,
+            max_connections=args.max_connections,
         )
         ports.PortPool(pool)
     except ports.PortPoolError as err:
@@ -356,6 +357,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="age below which a directory without a record is spared (default: 300)")
     p.add_argument("--request-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long a client may take to send one whole request (default: 5)")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 1024, metavar="N",
+                   help="largest request accepted (default: 65536)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="most concurrent client connections (default: 1024)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 

@@ -183,6 +183,9 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
     """Connect to this user's daemon, starting one if none answers."""
     env = dict(os.environ if environ is None else environ)
     sock_path = paths.control_socket(env)
+    if os.path.lexists(sock_path.parent):
+        # Someone who can swap this directory could impersonate the daemon.
+        paths.check_private_dir(sock_path.parent)
     if (conn := _try_connect(sock_path)) is not None:
         return conn
     if not autostart:
@@ -197,6 +200,9 @@ def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
     after taking it, so only the first one actually starts a daemon.
     """
     root = paths.runtime_root(env)
+    # Checked here too so that an unsafe directory is named to the user
+    # rather than only in the log of a daemon that refused to start.
+    paths.ensure_private_dir(root)
     control = paths.ensure_private_dir(sock_path.parent)
     lock_fd = os.open(control / "spawn.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
@@ -209,6 +215,14 @@ def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
         return conn
     finally:
         os.close(lock_fd)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no log"
 
 
 def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
@@ -233,7 +247,8 @@ def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
             code = proc.poll()
             raise ClientError(
                 "unreachable",
-                f"the daemon did not start (exit status {code}); see {log_path}",
+                f"the daemon did not start (exit status {code}): {_last_line(log_path)}"
+                f" (full log: {log_path})",
             )
     finally:
         os.close(read_fd)

@@ -13,6 +13,7 @@ re-adopts them.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -37,7 +38,7 @@ from tractor_session.leases import (
     LeaseTable,
     read_record,
 )
-from tractor_session.liveness import Process, is_alive, last_pid, start_time
+from tractor_session.liveness import HolderKey, HolderWatches, Process, is_alive, last_pid, start_time
 from tractor_session.ports import DEFAULT_POOL, PortPool, PortPoolError
 from tractor_session.protocol import (
     Bind,
@@ -161,13 +162,56 @@ class FrameReader:
         return body
 
 
+class LeftoverScanner:
+    """Finds sessions' leftover processes, many sessions per scan.
+
+    A scan reads every process of the user, so when a thousand leases end
+    at once (their holder died, a daemon restarted) they share one scan
+    instead of queueing for a thousand.  Requests that arrive while a scan
+    runs are served together by the next one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._batch = _ScanBatch()
+
+    async def find(self, session_id: str) -> list[reaper.Victim]:
+        batch = self._batch
+        batch.ids.add(session_id)
+        if not batch.started:
+            batch.started = True
+            try:
+                async with self._lock:
+                    # From here on, new requests go to the next batch.
+                    self._batch = _ScanBatch()
+                    batch.found = await trio.to_thread.run_sync(reaper.sessions_processes, batch.ids)
+            finally:
+                batch.done.set()
+        await batch.done.wait()
+        return batch.found.get(session_id, [])
+
+
+@dataclass
+class _ScanBatch:
+    ids: set[str] = field(default_factory=set)
+    started: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    found: dict[str, list[reaper.Victim]] = field(default_factory=dict)
+
+
 class Daemon:
     def __init__(self, config: Config, notifier: systemd.Notifier) -> None:
         self.config = config
         self.notifier = notifier
         self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
-        self.watchers: dict[str, trio.CancelScope] = {}
         self.ending: dict[str, trio.Event] = {}
+        # One watch per holder process, however many leases it holds.
+        self.by_holder: dict[HolderKey, set[str]] = {}
+        self.holder_watches = HolderWatches(self._holder_exited)
+        # (wall-clock expiry, lease id); stale entries are skipped.
+        self.expiries: list[tuple[float, str]] = []
+        self._expiries_changed = trio.Event()
+        self.scanner = LeftoverScanner()
         # Leases bound to a connection of this daemon; ended by its handler.
         self.connected: set[str] = set()
         # lease id -> the host's last pid just before its envelope existed.
@@ -182,6 +226,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.recover()
+            nursery.start_soon(self._expire_leases)
             nursery.start_soon(trio.serve_listeners, self._serve_connection, [listener])
             nursery.start_soon(self._sweep_periodically)
             on_ready()
@@ -206,12 +251,11 @@ class Daemon:
             if record is None:
                 continue
             lease = self.table.adopt(record)
-            expired = record.expires is not None and record.expires <= time.time()
-            if expired or not is_alive(record.holder_pid or 0, record.holder_start):
+            if is_alive(record.holder_pid or 0, record.holder_start):
+                self._track(lease)
+            else:
                 dead += 1
                 self._nursery.start_soon(self.end_lease, lease, "holder died while no daemon ran")
-            else:
-                self._nursery.start_soon(self._watch, lease)
         if dead:
             log.info("recovery: ending %d leases whose holders died meanwhile", dead)
 
@@ -238,8 +282,13 @@ class Daemon:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except ProtocolError as err:
-            log.info("dropping a client (pid %s): %s", locals().get("pid", "?"), err)
+            log.info("dropping a client: %s", err)
             await self._send(stream, Error("protocol", str(err)))
+        except Exception as err:
+            # A bug must cost one connection, never the daemon and every
+            # lease it holds.
+            log.exception("internal error serving a client")
+            await self._send(stream, Error("internal", f"the daemon hit an internal error: {err!r}; see its log"))
         finally:
             self.connections -= 1
             await stream.aclose()
@@ -307,7 +356,9 @@ class Daemon:
             case Bind(lease_id=lease_id, pid=pid):
                 lease = self.table.find(check_id(lease_id))
                 start = self._check_holder(pid)
+                self._untrack_holder(lease)
                 self.table.update(lease, holder_pid=pid, holder_start=start)
+                self._track(lease)
                 return Bound(lease.lease_id)
             case StatusRequest():
                 return Status(
@@ -359,9 +410,8 @@ class Daemon:
             self.connected.add(lease.lease_id)
         if mark is not None:
             self.spawn_marks[lease.lease_id] = mark
+        self._track(lease)
         self._announce()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._watch, lease)
         log.debug(
             "granted %s to pid %s: %s %s", lease.bindspace.name, holder,
             lease.record.transport, lease.info().registry_addr,
@@ -379,44 +429,58 @@ class Daemon:
             raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {ttl}")
         expires = time.time() + ttl
         self.table.update(lease, ttl=ttl, expires=expires)
-        if scope := self.watchers.get(lease.lease_id):
-            scope.deadline = trio.current_time() + ttl
+        self._track_expiry(lease)
         return Renewed(lease.lease_id, expires)
 
-    async def _watch(self, lease: Lease) -> None:
-        """End ``lease`` when its holder dies or its ttl runs out."""
-        record = lease.record
-        with trio.CancelScope() as scope:
-            self.watchers[lease.lease_id] = scope
-            if record.expires is not None:
-                scope.deadline = trio.current_time() + (record.expires - time.time())
-            try:
-                if record.by_connection:
-                    # The connection handler ends the lease; after a daemon
-                    # restart the connection is gone and the pid rules.
-                    if lease.lease_id in self.connected:
-                        await trio.sleep_forever()
-                await self._wait_holder(lease)
-            finally:
-                self.watchers.pop(lease.lease_id, None)
-        if lease.ended or lease.lease_id in self.ending:
-            return
-        reason = "expired" if scope.cancelled_caught else f"holder pid {lease.record.holder_pid} died"
-        await self.end_lease(lease, reason)
+    # -- what ends a lease by itself: its holder's death, its ttl -------
 
-    async def _wait_holder(self, lease: Lease) -> None:
+    def _track(self, lease: Lease) -> None:
+        """Watch what can end ``lease`` other than a request.  A lease bound
+        to one of our connections needs no pid watch: the connection closes
+        when its process dies."""
+        record = lease.record
+        if lease.lease_id not in self.connected and record.holder_pid is not None:
+            key = (record.holder_pid, record.holder_start)
+            self.by_holder.setdefault(key, set()).add(lease.lease_id)
+            assert self._nursery is not None
+            self.holder_watches.add(self._nursery, key)
+        self._track_expiry(lease)
+
+    def _untrack_holder(self, lease: Lease) -> None:
+        key = (lease.record.holder_pid or 0, lease.record.holder_start)
+        if (ids := self.by_holder.get(key)) is not None:
+            ids.discard(lease.lease_id)
+            if not ids:
+                del self.by_holder[key]
+                self.holder_watches.remove(key)
+
+    async def _holder_exited(self, key: HolderKey) -> None:
+        assert self._nursery is not None
+        for lease_id in self.by_holder.pop(key, ()):
+            if (lease := self.table.leases.get(lease_id)) is not None:
+                self._nursery.start_soon(self.end_lease, lease, f"holder pid {key[0]} died")
+
+    def _track_expiry(self, lease: Lease) -> None:
+        if lease.record.expires is not None:
+            heapq.heappush(self.expiries, (lease.record.expires, lease.lease_id))
+            self._expiries_changed.set()
+
+    async def _expire_leases(self) -> None:
+        """One task for every ttl: sleeps until the earliest expiry, or
+        until a grant or renewal brings an earlier one."""
+        assert self._nursery is not None
         while True:
-            record = lease.record
-            proc = Process.open(record.holder_pid or 0, record.holder_start)
-            if proc is None:
-                return
-            try:
-                await proc.wait()
-            finally:
-                proc.close()
-            # A Bind may have moved the lease to another pid meanwhile.
-            if lease.record.holder_pid == record.holder_pid:
-                return
+            now = time.time()
+            while self.expiries and self.expiries[0][0] <= now:
+                _, lease_id = heapq.heappop(self.expiries)
+                lease = self.table.leases.get(lease_id)
+                # A renewal leaves the old entry behind: the record decides.
+                if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
+                    self._nursery.start_soon(self.end_lease, lease, "its ttl expired")
+            self._expiries_changed = trio.Event()
+            wait = self.expiries[0][0] - now if self.expiries else math.inf
+            with trio.move_on_after(wait):
+                await self._expiries_changed.wait()
 
     async def end_lease(self, lease: Lease, reason: str, clean: bool = False) -> list[Reaped]:
         """End a lease: reap what its session left running, then free its
@@ -427,8 +491,7 @@ class Daemon:
             await done.wait()
             return []
         done = self.ending[lease.lease_id] = trio.Event()
-        if scope := self.watchers.get(lease.lease_id):
-            scope.cancel()
+        self._untrack_holder(lease)
         reaped: list[Reaped] = []
         try:
             for child_id in list(self.table.children.get(lease.lease_id, ())):
@@ -496,7 +559,7 @@ class Daemon:
     async def reap(self, session_id: str) -> list[Reaped]:
         """SIGINT a session's leftover processes, then SIGKILL what remains
         after the grace period."""
-        victims = await trio.to_thread.run_sync(reaper.session_processes, session_id)
+        victims = await self.scanner.find(session_id)
         return await self.reap_victims(victims)
 
     async def reap_victims(self, victims: list[reaper.Victim]) -> list[Reaped]:

@@ -29,8 +29,8 @@ import msgspec
 
 from tractor_session import envelope
 from tractor_session.paths import ROOT_ENV, SOCKET_ENV, fits_af_unix
-from tractor_session.ports import PortPool
-from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport
+from tractor_session.ports import PortPool, PortPoolError
+from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport, short_name
 
 RECORD_NAME = ".tractor-session-lease"
 BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
@@ -151,7 +151,7 @@ def read_record(bindspace: Path) -> LeaseRecord | None:
     except msgspec.DecodeError:
         return None
     # A record only counts for the directory it sits in.
-    if Path(record.bindspace) != bindspace or not record.lease_id.startswith(bindspace.name):
+    if Path(record.bindspace) != bindspace or short_name(record.lease_id) != bindspace.name:
         return None
     return record
 
@@ -250,7 +250,10 @@ class LeaseTable:
                     f" runtime root (set {ROOT_ENV}).",
                 )
             if req.transport == "tcp":
-                port = self.ports.take()
+                try:
+                    port = self.ports.take()
+                except PortPoolError as err:
+                    raise LeaseError("no-free-port", str(err)) from None
             now = time.time()
             record = LeaseRecord(
                 lease_id=lease_id,
@@ -314,7 +317,7 @@ class LeaseTable:
     def _new_bindspace(self) -> tuple[str, Path]:
         for _ in range(100):
             lease_id = str(uuid.uuid4())
-            bindspace = self.root / lease_id.replace("-", "")[:12]
+            bindspace = self.root / short_name(lease_id)
             try:
                 # The daemon runs with umask 077, so this is exactly 0700.
                 os.mkdir(bindspace, 0o700)

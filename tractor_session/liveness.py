@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import psutil
 import trio
@@ -135,3 +136,40 @@ class Process:
             await self.wait()
             return True
         return not is_alive(self.pid, self.start)
+
+
+HolderKey = tuple[int, float | None]
+
+
+class HolderWatches:
+    """One task and one pidfd per holder process, not per lease: a holder
+    with a thousand leases costs what a holder with one does.
+
+    ``on_exit(key)`` runs when a watched process exits; ``remove(key)``
+    stops watching (its last lease ended first).
+    """
+
+    def __init__(self, on_exit: Callable[[HolderKey], Awaitable[None]]) -> None:
+        self.on_exit = on_exit
+        self.scopes: dict[HolderKey, trio.CancelScope] = {}
+
+    def add(self, nursery: trio.Nursery, key: HolderKey) -> None:
+        if key not in self.scopes:
+            scope = self.scopes[key] = trio.CancelScope()
+            nursery.start_soon(self._watch, key, scope)
+
+    def remove(self, key: HolderKey) -> None:
+        if (scope := self.scopes.pop(key, None)) is not None:
+            scope.cancel()
+
+    async def _watch(self, key: HolderKey, scope: trio.CancelScope) -> None:
+        with scope:
+            proc = Process.open(*key)
+            if proc is not None:
+                try:
+                    await proc.wait()
+                finally:
+                    proc.close()
+        if self.scopes.get(key) is scope:
+            del self.scopes[key]
+            await self.on_exit(key)

@@ -57,13 +57,14 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Pat
     if run_user.is_dir():
         return run_user / "tractor"
     fallback = Path(tempfile.gettempdir()) / f"runtime-{uid}"
-    if not fallback.exists():
+    if not os.path.lexists(fallback):
         print(
             f"tractor-session: no /run/user/{uid} and XDG_RUNTIME_DIR is unset;"
             f" using {fallback} (owner-only) as the runtime dir",
             file=sys.stderr,
         )
-        ensure_private_dir(fallback)
+    # Checked every time: it sits in a world-writable directory.
+    ensure_private_dir(fallback)
     return fallback / "tractor"
 
 
@@ -87,11 +88,14 @@ def ensure_private_dir(path: Path) -> Path:
     fall back to a different directory in some processes: a split brain).
     """
     try:
+        os.makedirs(path.parent, 0o700, exist_ok=True)
         os.mkdir(path, 0o700)
         # mkdir honours the umask; make sure the mode is what we promise.
         os.chmod(path, 0o700)
     except FileExistsError:
         pass
+    except OSError as err:
+        raise UnsafePathError(f"{path}: cannot create it: {err.strerror}") from None
     check_private_dir(path)
     return path
 

@@ -30,6 +30,11 @@ LEASE_ID_RE = re.compile(r"[0-9a-f]{12}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89
 Transport = Literal["tcp", "uds"]
 
 
+def short_name(lease_id: str) -> str:
+    """The bindspace name of a lease: the first 12 hex digits of its id."""
+    return lease_id.replace("-", "")[:12]
+
+
 class ProtocolError(RuntimeError):
     """The peer sent something that is not a valid message."""
 
@@ -41,7 +46,10 @@ class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
 # -- requests ---------------------------------------------------------------
 
 
-class Hello(Message, tag="hello"):
+class Hello(Message, tag="hello", forbid_unknown_fields=False):
+    """Lenient on purpose: a newer client's Hello may carry more fields,
+    and must still get a clear version error rather than a parse error."""
+
     version: int
     client: str = ""
 

@@ -132,6 +132,14 @@ def session_processes(session_id: str) -> list[Victim]:
     return _find(session_id, lambda rv: rv._session_uuid == session_id).get(session_id, [])
 
 
+def sessions_processes(session_ids: set[str]) -> dict[str, list[Victim]]:
+    """Like :func:`session_processes` for many sessions in one scan."""
+    if len(session_ids) == 1:
+        (only,) = session_ids
+        return {only: session_processes(only)}
+    return _find(envelope._TRACTOR_RT_VARS_OSENV, lambda rv: rv._session_uuid in session_ids)
+
+
 def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
     """This user's processes of any session whose bindspace is in ``root``,
     grouped by session id.  Sessions of other roots (another daemon's) are

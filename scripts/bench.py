@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""tractor-session's benchmark: what a test run pays for its isolation.
+
+Starts its own daemon in a temporary runtime root (on tmpfs when the host
+has /dev/shm, as /run/user is), measures every figure, prints a table and
+writes the same figures as JSON.  Where the work compares, the figure is
+set beside Google's portpicker ``portserver`` measured in the same run
+(``pip install -e '.[bench]'``; skipped with a note when it is missing).
+
+    python scripts/bench.py            # the full run, a few minutes
+    python scripts/bench.py --quick    # under a minute; the test suite runs it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tractor_session import paths
+from tractor_session.client import Connection, connect
+from tractor_session.leases import RECORD_NAME
+
+PORT_POOL = "20000-32000"
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, poll: float = 0.0005) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark condition not reached")
+        time.sleep(poll)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Bench:
+    base: Path
+    quick: bool
+    daemon: subprocess.Popen[bytes] | None = None
+    holders: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.base / "tractor"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACTOR_SESSION", "_TRACTOR"))}
+        env[paths.ROOT_ENV] = str(self.root)
+        return env
+
+    def connect(self) -> Connection:
+        return connect(environ=self.env)
+
+    def start_daemon(self, *extra: str) -> float:
+        """Start ``serve``; return the seconds until it was ready."""
+        read_fd, write_fd = os.pipe()
+        started = time.perf_counter()
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "tractor_session", "serve", "--root", str(self.root),
+             "--port-pool", PORT_POOL, "--ready-fd", str(write_fd), "--gc-interval", "3600", *extra],
+            pass_fds=(write_fd,), env=self.env, stderr=subprocess.DEVNULL,
+        )
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as ready:
+            if not ready.read(6):
+                raise RuntimeError("the daemon did not start")
+        return time.perf_counter() - started
+
+    def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
+        if self.daemon is not None:
+            self.daemon.send_signal(sig)
+            self.daemon.wait()
+            self.daemon = None
+
+    def holder(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        self.holders.append(proc)
+        return proc
+
+    def close(self) -> None:
+        self.kill_daemon()
+        for proc in self.holders:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def bench_env(quick: bool) -> Iterator[Bench]:
+    shm = Path("/dev/shm")
+    parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    bench = Bench(Path(tempfile.mkdtemp(prefix="tsb-", dir=parent)), quick)
+    try:
+        yield bench
+    finally:
+        bench.close()
+
+
+@contextmanager
+def portserver() -> Iterator[str | None]:
+    """A portpicker portserver on an abstract socket, if portpicker is here."""
+    try:
+        import portpicker  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    script = shutil.which("portserver.py") or str(Path(sys.executable).parent / "portserver.py")
+    address = f"@tractor-session-bench-{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, script, f"--portserver_address={address}", "--portserver_static_pool=33000-60000"],
+        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+    try:
+        def answers() -> bool:
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect("\0" + address[1:])
+                except OSError:
+                    return False
+            return True
+        wait_until(answers, timeout=10, poll=0.01)
+        yield address
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- measurements -------------------------------------------------------------------
+
+
+def measure_roundtrip(b: Bench, n: int) -> dict[str, float]:
+    """One client: connect, lease, release, close; beside one portserver request."""
+    def one() -> float:
+        t = time.perf_counter()
+        with b.connect() as conn:
+            conn.release(conn.lease().lease.lease_id)
+        return time.perf_counter() - t
+
+    for _ in range(n // 10):
+        one()
+    ours = [one() for _ in range(n)]
+    out = {"lease_release_median_ms": statistics.median(ours) * 1e3, "lease_release_p99_ms": percentile(ours, 0.99) * 1e3}
+    with portserver() as address:
+        if address is None:
+            out["portserver_request_median_ms"] = float("nan")
+            out["ratio_to_portserver"] = float("nan")
+            return out
+        import portpicker
+
+        def request() -> float:
+            t = time.perf_counter()
+            port = portpicker.get_port_from_port_server(address, pid=os.getpid())
+            assert port, "portserver gave no port"
+            return time.perf_counter() - t
+
+        for _ in range(n // 10):
+            request()
+        theirs = [request() for _ in range(min(n, 20000))]
+    out["portserver_request_median_ms"] = statistics.median(theirs) * 1e3
+    out["portserver_request_p99_ms"] = percentile(theirs, 0.99) * 1e3
+    out["ratio_to_portserver"] = out["lease_release_median_ms"] / out["portserver_request_median_ms"]
+    return out
+
+
+def _throughput_client(env: dict[str, str], seconds: float, start: float, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """Lease, prove the lease is ours alone, release; in a loop."""
+    count = conflicts = 0
+    while time.time() < start:
+        pass
+    deadline = start + seconds
+    with connect(environ=env) as conn:
+        while time.time() < deadline:
+            granted = conn.lease()
+            info = granted.lease
+            # The port: binding it fails if another live lease bound it.
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", info.port))
+                except OSError:
+                    conflicts += 1
+            # The directory: its record names this lease and no other.
+            try:
+                record = (Path(info.bindspace) / RECORD_NAME).read_bytes()
+                if info.lease_id.encode() not in record:
+                    conflicts += 1
+            except OSError:
+                conflicts += 1
+            conn.release(info.lease_id)
+            count += 1
+    results.put((count, conflicts))
+
+
+def _ephemeral_binder(seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+
+
+def measure_throughput(b: Bench, clients: int, seconds: float) -> dict[str, float]:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    start = time.time() + 1.0
+    procs = [ctx.Process(target=_throughput_client, args=(b.env, seconds, start, results)) for _ in range(clients)]
+    binder = ctx.Process(target=_ephemeral_binder, args=(seconds + 1.0,))
+    binder.start()
+    for p in procs:
+        p.start()
+    totals = [results.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join()
+    binder.join()
+    leases = sum(c for c, _ in totals)
+    return {
+        "throughput_clients": clients,
+        "throughput_leases_per_s": leases / seconds,
+        "throughput_conflicts": sum(x for _, x in totals),
+    }
+
+
+def measure_cli(b: Bench, n: int) -> dict[str, float]:
+    def timed(argv: list[str]) -> float:
+        t = time.perf_counter()
+        subprocess.run(argv, env=b.env, check=True)
+        return time.perf_counter() - t
+
+    lease = [sys.executable, "-m", "tractor_session", "lease", "--", "true"]
+    bare = [sys.executable, "-c", "pass"]
+    for _ in range(3):
+        timed(lease), timed(bare)
+    ours = [timed(lease) for _ in range(n)]
+    base = [timed(bare) for _ in range(n)]
+    return {
+        "cli_lease_true_median_ms": statistics.median(ours) * 1e3,
+        "python_pass_median_ms": statistics.median(base) * 1e3,
+        "cli_overhead_ms": (statistics.median(ours) - statistics.median(base)) * 1e3,
+    }
+
+
+def measure_cold_start(b: Bench, n: int) -> dict[str, float]:
+    """No daemon running to the first lease granted, through the client."""
+    times = []
+    for _ in range(n):
+        b.kill_daemon(signal.SIGTERM)
+        if (pid := _daemon_pid(b)) is not None:
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        t = time.perf_counter()
+        with b.connect() as conn:
+            conn.release(conn.lease().lease.lease_id)
+        times.append(time.perf_counter() - t)
+    if (pid := _daemon_pid(b)) is not None:
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    return {"cold_start_median_ms": statistics.median(times) * 1e3}
+
+
+def _daemon_pid(b: Bench) -> int | None:
+    try:
+        text = (paths.control_dir(b.root) / "daemon.lock").read_text().strip()
+        return int(text) if text and psutil.pid_exists(int(text)) else None
+    except (OSError, ValueError):
+        return None
+
+
+def measure_reclaim(b: Bench, n: int) -> dict[str, float]:
+    """A holder SIGKILLed to its bindspace gone and its port free."""
+    times = []
+    with b.connect() as conn:
+        for _ in range(n):
+            holder = b.holder()
+            info = conn.lease(holder_pid=holder.pid).lease
+            bindspace, port = Path(info.bindspace), info.port
+            assert port is not None
+            t = time.perf_counter()
+            holder.kill()
+            wait_until(lambda: not bindspace.exists() and port_is_free(port))
+            times.append(time.perf_counter() - t)
+            holder.wait()
+    return {"reclaim_median_ms": statistics.median(times) * 1e3, "reclaim_p99_ms": percentile(times, 0.99) * 1e3}
+
+
+def measure_readoption(b: Bench, n: int) -> dict[str, float]:
+    holders = [b.holder() for _ in range(10)]
+    with b.connect() as conn:
+        ids = {conn.lease(holder_pid=holders[i % 10].pid).lease.lease_id for i in range(n)}
+    b.kill_daemon(signal.SIGKILL)
+    seconds = b.start_daemon()
+    with b.connect() as conn:
+        readopted = {info.lease_id for info in conn.status().leases}
+        assert ids <= readopted, f"{len(ids - readopted)} leases were not re-adopted"
+        for lease_id in ids:
+            conn.release(lease_id)
+    return {"readoption_leases": n, "readoption_s": seconds}
+
+
+def measure_gc(b: Bench, stale: int, live: int) -> dict[str, float]:
+    holder = b.holder()
+    with b.connect() as conn:
+        kept = [Path(conn.lease(holder_pid=holder.pid).lease.bindspace) for _ in range(live)]
+        old = time.time() - 3600
+        for i in range(stale):
+            d = b.root / f"{i:012x}"
+            d.mkdir()
+            os.utime(d, (old, old))
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(str(b.root / f"actor@{4_000_000 + i}.sock"))
+        t = time.perf_counter()
+        removed = conn.gc().items
+        seconds = time.perf_counter() - t
+        assert all(d.is_dir() for d in kept), "gc removed a live bindspace"
+        assert len(removed) >= 2 * stale, f"gc removed {len(removed)} of {2 * stale}"
+        for d in kept:
+            conn.release(d.name)
+    return {"gc_stale_dirs": stale, "gc_dead_sockets": stale, "gc_live_untouched": live, "gc_s": seconds}
+
+
+def measure_memory(b: Bench, n: int) -> dict[str, float]:
+    daemon = psutil.Process(_daemon_pid(b))
+    holders = [b.holder() for _ in range(10)]
+
+    def rss_fds() -> tuple[int, int]:
+        return daemon.memory_info().rss, daemon.num_fds()
+
+    with b.connect() as conn:
+        for i in range(200):  # warm caches and allocator arenas first
+            conn.release(conn.lease(holder_pid=holders[0].pid).lease.lease_id)
+        rss0, fds0 = rss_fds()
+        ids = [conn.lease(holder_pid=holders[i % 10].pid).lease.lease_id for i in range(n)]
+        rss1, fds1 = rss_fds()
+        for lease_id in ids:
+            conn.release(lease_id)
+    return {
+        "memory_leases": n,
+        "idle_rss_mib": rss0 / 2**20,
+        "rss_per_lease_kib": (rss1 - rss0) / n / 1024,
+        "fds_per_lease": (fds1 - fds0) / n,
+    }
+
+
+# -- report ---------------------------------------------------------------------------
+
+TARGETS = {
+    "ratio_to_portserver": ("<=", 1.0),
+    "throughput_leases_per_s": (">=", 1500),
+    "throughput_conflicts": ("<=", 0),
+    "cli_overhead_ms": ("<=", 40),
+    "cold_start_median_ms": ("<=", 500),
+    "reclaim_p99_ms": ("<=", 100),
+    "readoption_s": ("<=", 1.0),
+    "gc_s": ("<=", 2.0),
+    "rss_per_lease_kib": ("<=", 4.0),
+    "fds_per_lease": ("<=", 2.0),
+}
+
+
+def verdict(key: str, value: float) -> str:
+    if key not in TARGETS or value != value:
+        return ""
+    op, target = TARGETS[key]
+    ok = value <= target if op == "<=" else value >= target
+    return f"{'ok' if ok else 'MISSED'} (target {op} {target:g})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller counts; under a minute")
+    parser.add_argument("--json", metavar="PATH", default="bench-results.json", help="where to write the figures")
+    args = parser.parse_args()
+    q = args.quick
+    figures: dict[str, float | int | str] = {
+        "cores": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mode": "quick" if q else "full",
+    }
+    steps: list[tuple[str, Callable[[Bench], dict[str, float]]]] = [
+        ("lease+release round trip", lambda b: measure_roundtrip(b, 300 if q else 3000)),
+        ("throughput", lambda b: measure_throughput(b, 16 if q else 64, 2.0 if q else 10.0)),
+        ("lease -- true", lambda b: measure_cli(b, 10 if q else 40)),
+        ("reclaim", lambda b: measure_reclaim(b, 20 if q else 100)),
+        ("re-adoption", lambda b: measure_readoption(b, 200 if q else 1000)),
+        ("gc", lambda b: measure_gc(b, 1000 if q else 10000, 100)),
+        ("memory and fds", lambda b: measure_memory(b, 1000 if q else 10000)),
+        ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
+    ]
+    for name, step in steps:
+        with bench_env(q) as b:
+            b.start_daemon()
+            t = time.perf_counter()
+            figures.update(step(b))
+            print(f"# {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    width = max(map(len, figures))
+    print(f"{'figure':{width}}  {'value':>12}  verdict")
+    for key, value in figures.items():
+        shown = f"{value:12.3f}" if isinstance(value, float) else f"{value!s:>12}"
+        print(f"{key:{width}}  {shown}  {verdict(key, value) if isinstance(value, (int, float)) else ''}")
+    Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"figures written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
