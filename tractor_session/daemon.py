@@ -133,31 +133,37 @@ class FrameReader:
         self.frame_timeout = frame_timeout
         self.buf = bytearray()
 
-    async def _fill(self, n: int) -> bool:
-        while len(self.buf) < n:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return False
-            self.buf += data
-        return True
-
     async def read(self, idle_timeout: float) -> bytes | None:
         """The next frame's body, or None at a clean end of stream."""
-        with trio.move_on_after(idle_timeout) as idle:
-            if not await self._fill(1):
+        if not self.buf:
+            data = b""
+            with trio.move_on_after(idle_timeout) as idle:
+                data = await self.stream.receive_some(65536)
+            if idle.cancelled_caught:
+                raise ProtocolError(f"no request within {idle_timeout:g} s; closing")
+            if not data:
                 return None
-        if idle.cancelled_caught:
-            raise ProtocolError(f"no request within {idle_timeout:g} s; closing")
-        with trio.move_on_after(self.frame_timeout) as slow:
-            if not await self._fill(protocol.HEADER.size):
-                raise ProtocolError("connection closed mid-message")
-            length = protocol.body_length(bytes(self.buf[: protocol.HEADER.size]), self.limit)
-            end = protocol.HEADER.size + length
-            if not await self._fill(end):
-                raise ProtocolError("connection closed mid-message")
-        if slow.cancelled_caught:
-            raise ProtocolError(f"incomplete request after {self.frame_timeout:g} s; closing")
-        body = bytes(self.buf[protocol.HEADER.size : end])
+            self.buf += data
+        # Fast path: a small request arrives whole in one read.
+        if (body := self._take_frame()) is not None:
+            return body
+        with trio.move_on_after(self.frame_timeout):
+            while (body := self._take_frame()) is None:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise ProtocolError("connection closed mid-message")
+                self.buf += data
+            return body
+        raise ProtocolError(f"incomplete request after {self.frame_timeout:g} s; closing")
+
+    def _take_frame(self) -> bytes | None:
+        size = protocol.HEADER.size
+        if len(self.buf) < size:
+            return None
+        end = size + protocol.body_length(bytes(self.buf[:size]), self.limit)
+        if len(self.buf) < end:
+            return None
+        body = bytes(self.buf[size:end])
         del self.buf[:end]
         return body
 

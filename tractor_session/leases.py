@@ -89,7 +89,7 @@ class Lease:
             lease_id=r.lease_id,
             bindspace=r.bindspace,
             transport=r.transport,
-            registry_addr=registry_addr(r.transport, Path(r.bindspace), r.port),
+            registry_addr=registry_addr(r.transport, r.bindspace, r.port),
             port=r.port,
             holder_pid=r.holder_pid,
             created=r.created,
@@ -99,9 +99,9 @@ class Lease:
         )
 
 
-def registry_addr(transport: Transport, bindspace: Path, port: int | None) -> tuple[str, int | str]:
+def registry_addr(transport: Transport, bindspace: str, port: int | None) -> tuple[str, int | str]:
     if transport == "uds":
-        return (str(bindspace / "tractor"), UDS_REGISTRY_NAME)
+        return (f"{bindspace}/tractor", UDS_REGISTRY_NAME)
     assert port is not None
     return ("127.0.0.1", port)
 
@@ -116,7 +116,7 @@ def create_record(record: LeaseRecord) -> None:
     No temporary file is needed: a crash mid-write leaves a record that does
     not parse, which counts as no record, the state before the write.
     """
-    path = Path(record.bindspace) / RECORD_NAME
+    path = f"{record.bindspace}/{RECORD_NAME}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, _record_encoder.encode(record))
@@ -156,13 +156,15 @@ def read_record(bindspace: Path) -> LeaseRecord | None:
     return record
 
 
-def remove_bindspace(root: Path, bindspace: Path) -> None:
+def remove_bindspace(root: str, bindspace: str) -> None:
     """Remove a session directory without ever following a symlink.
 
     ``shutil.rmtree`` works through directory fds on Linux and the BSDs,
     so a link swapped in mid-removal cannot send it outside the tree.
+    (Plain strings, not pathlib: this runs for every lease.)
     """
-    if bindspace.parent != root or not BINDSPACE_NAME_RE.fullmatch(bindspace.name):
+    parent, _, name = bindspace.rpartition("/")
+    if parent != root or not BINDSPACE_NAME_RE.fullmatch(name):
         raise ValueError(f"refusing to remove {bindspace}: not a bindspace of {root}")
     try:
         st = os.lstat(bindspace)
@@ -174,8 +176,8 @@ def remove_bindspace(root: Path, bindspace: Path) -> None:
     # The common case, a session that left nothing, in three syscalls;
     # anything else (sockets, links, files) goes through rmtree.
     try:
-        os.unlink(bindspace / RECORD_NAME)
-        os.rmdir(bindspace / "tractor")
+        os.unlink(f"{bindspace}/{RECORD_NAME}")
+        os.rmdir(f"{bindspace}/tractor")
         os.rmdir(bindspace)
     except OSError:
         shutil.rmtree(bindspace, ignore_errors=True)
@@ -201,6 +203,7 @@ class LeaseTable:
 
     def __init__(self, root: Path, ports: PortPool, control_socket: Path) -> None:
         self.root = root
+        self._root = str(root)
         self.ports = ports
         self.control_socket = control_socket
         self.leases: dict[str, Lease] = {}
@@ -239,9 +242,9 @@ class LeaseTable:
         port: int | None = None
         try:
             # No checks needed: the parent is ours alone, made just now.
-            tractor_dir = bindspace / "tractor"
+            tractor_dir = f"{bindspace}/tractor"
             os.mkdir(tractor_dir, 0o700)
-            deepest = tractor_dir / DEEPEST_SOCKET_NAME
+            deepest = f"{tractor_dir}/{DEEPEST_SOCKET_NAME}"
             if not fits_af_unix(deepest):
                 raise LeaseError(
                     "path-too-long",
@@ -257,7 +260,7 @@ class LeaseTable:
             now = time.time()
             record = LeaseRecord(
                 lease_id=lease_id,
-                bindspace=str(bindspace),
+                bindspace=bindspace,
                 transport=req.transport,
                 port=port,
                 env=self._envelope(lease_id, bindspace, req, port),
@@ -274,7 +277,7 @@ class LeaseTable:
         except BaseException as err:
             if port is not None:
                 self.ports.give_back(port)
-            remove_bindspace(self.root, bindspace)
+            remove_bindspace(self._root, bindspace)
             if isinstance(err, OSError):
                 raise LeaseError("os-error", explain_os_error(err, self.root)) from None
             raise
@@ -289,7 +292,7 @@ class LeaseTable:
     def _add(self, record: LeaseRecord) -> Lease:
         lease = Lease(record)
         self.leases[record.lease_id] = lease
-        self.by_short[Path(record.bindspace).name] = lease
+        self.by_short[short_name(record.lease_id)] = lease
         if record.parent is not None:
             self.children.setdefault(record.parent, set()).add(record.lease_id)
         return lease
@@ -305,19 +308,19 @@ class LeaseTable:
         if self.leases.pop(lease.lease_id, None) is None:
             return
         lease.ended = True
-        del self.by_short[lease.bindspace.name]
+        del self.by_short[short_name(lease.lease_id)]
         if (parent := lease.record.parent) is not None and (siblings := self.children.get(parent)):
             siblings.discard(lease.lease_id)
             if not siblings:
                 del self.children[parent]
-        remove_bindspace(self.root, lease.bindspace)
+        remove_bindspace(self._root, lease.record.bindspace)
         if lease.record.port is not None:
             self.ports.give_back(lease.record.port)
 
-    def _new_bindspace(self) -> tuple[str, Path]:
+    def _new_bindspace(self) -> tuple[str, str]:
         for _ in range(100):
             lease_id = str(uuid.uuid4())
-            bindspace = self.root / short_name(lease_id)
+            bindspace = f"{self._root}/{short_name(lease_id)}"
             try:
                 # The daemon runs with umask 077, so this is exactly 0700.
                 os.mkdir(bindspace, 0o700)
@@ -326,10 +329,10 @@ class LeaseTable:
             return lease_id, bindspace
         raise LeaseError("collision", f"could not create a unique bindspace in {self.root}")
 
-    def _envelope(self, lease_id: str, bindspace: Path, req: LeaseRequest, port: int | None) -> dict[str, str]:
+    def _envelope(self, lease_id: str, bindspace: str, req: LeaseRequest, port: int | None) -> dict[str, str]:
         rtvars = envelope.RuntimeVars(
             _session_uuid=lease_id,
-            _bindspace=str(bindspace),
+            _bindspace=bindspace,
             _enable_tpts=[req.transport],
             _registry_addrs=[registry_addr(req.transport, bindspace, port)],
         )
@@ -340,5 +343,5 @@ class LeaseTable:
             ROOT_ENV: str(self.root),
         }
         if req.set_xdg:
-            env["XDG_RUNTIME_DIR"] = str(bindspace)
+            env["XDG_RUNTIME_DIR"] = bindspace
         return env

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT_ENV = "TRACTOR_SESSION_ROOT"
@@ -56,6 +55,8 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Pat
     run_user = Path(f"/run/user/{uid}")
     if run_user.is_dir():
         return run_user / "tractor"
+    import tempfile  # only here: it costs the hot path a few ms to import
+
     fallback = Path(tempfile.gettempdir()) / f"runtime-{uid}"
     if not os.path.lexists(fallback):
         print(
