@@ -409,7 +409,12 @@ class Daemon:
         by_connection = request.holder_pid is None
         holder = peer_pid if by_connection else request.holder_pid
         assert holder is not None
-        holder_start = start_time(holder) if by_connection and holder > 0 else self._check_holder(holder)
+        if by_connection:
+            # The peer's pid is unknown on macOS and across pid namespaces:
+            # then only the connection bounds the lease.
+            holder_start = start_time(holder) if holder > 0 else None
+        else:
+            holder_start = self._check_holder(holder)
         mark = last_pid()
         lease = self.table.grant(request, holder if holder > 0 else None, holder_start, by_connection)
         if by_connection:
