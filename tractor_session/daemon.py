@@ -551,10 +551,15 @@ class Daemon:
 
     async def _sweep_periodically(self) -> None:
         while True:
-            removed = await self.collect()
-            if removed:
-                kinds = sorted({item.kind for item in removed})
-                log.info("gc sweep removed %d item(s): %s", len(removed), ", ".join(kinds))
+            try:
+                removed = await self.collect()
+            except Exception:
+                # One odd entry in the root must not stop the daemon.
+                log.exception("gc sweep failed; retrying in %g s", self.config.gc_interval)
+            else:
+                if removed:
+                    kinds = sorted({item.kind for item in removed})
+                    log.info("gc sweep removed %d item(s): %s", len(removed), ", ".join(kinds))
             await trio.sleep(self.config.gc_interval)
 
     def _may_have_processes(self, lease: Lease) -> bool:

@@ -118,10 +118,11 @@ def scan(root: Path, grace: float = DEFAULT_GRACE, live: frozenset[str] = frozen
             continue
         if st.st_uid != uid:
             continue
-        if BINDSPACE_NAME_RE.fullmatch(entry.name) and entry.name not in live:
-            if stat.S_ISLNK(st.st_mode):
-                findings.bindspaces.append(GcItem("symlink", str(path), "a symlink named like a bindspace"))
-            elif stat.S_ISDIR(st.st_mode) and (why := _bindspace_verdict(path, st, grace, now)):
+        ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
+        if ours and stat.S_ISLNK(st.st_mode) and entry.name not in live:
+            findings.bindspaces.append(GcItem("symlink", str(path), "a symlink named like a bindspace"))
+        elif ours and stat.S_ISDIR(st.st_mode):
+            if entry.name not in live and (why := _bindspace_verdict(path, st, grace, now)):
                 findings.bindspaces.append(GcItem("bindspace", str(path), why))
         elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(path)):
             findings.sockets.append(GcItem("socket", str(path), why))
@@ -159,7 +160,9 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
                 os.unlink(path)
             else:
                 continue
-        except FileNotFoundError:
+        except OSError:
+            # Gone already, or swapped for something else mid-way: leave it
+            # to the next sweep rather than abort this one.
             continue
         removed.append(item)
     return removed

@@ -139,11 +139,16 @@ def write_record(record: LeaseRecord) -> None:
 def read_record(bindspace: Path) -> LeaseRecord | None:
     """The record in ``bindspace``, or None if absent or unreadable."""
     try:
-        fd = os.open(bindspace / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted under the record's name must not hang us.
+        fd = os.open(bindspace / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         data = os.read(fd, 1 << 20)
+    except OSError:
+        return None
     finally:
         os.close(fd)
     try:
