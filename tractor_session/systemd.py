@@ -31,7 +31,10 @@ def take_listen_socket() -> socket.socket | None:
         os.environ.pop(name, None)
     if not fds.isdigit() or int(fds) < 1 or pid != str(os.getpid()):
         return None
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as err:
+        raise RuntimeError(f"systemd passed fd 3, but it is not a socket ({err.strerror})") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise RuntimeError("systemd passed fd 3, but it is not a unix stream socket")
@@ -58,9 +61,12 @@ class Notifier:
         if self._sock is None:
             return
         try:
-            self._sock.sendto("\n".join(fields).encode(), self._address)
+            # Never block the event loop on a manager slow to read: a
+            # dropped status or watchdog ping is harmless, a frozen daemon
+            # is not.
+            self._sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError:
-            pass  # the manager went away; nothing we can do about it
+            pass
 
     def close(self) -> None:
         if self._sock is not None:
@@ -142,17 +148,26 @@ WantedBy=default.target
 
 
 def _quote(arg: str) -> str:
-    """Quote one ExecStart= word (systemd.syntax(7))."""
-    if arg and all(c.isalnum() or c in "/._-+=:," for c in arg):
+    """Quote one ExecStart= word (systemd.syntax(7)): systemd expands
+    ``%`` specifiers and ``$`` variables in it, so both are doubled."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if arg and all(c.isalnum() or c in "/._-+=:,%$" for c in arg):
         return arg
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def unit_texts(python: str = sys.executable) -> dict[str, str]:
-    exec_start = " ".join(_quote(a) for a in (python, "-m", "tractor_session", "serve"))
+def exec_start(python: str = sys.executable) -> list[str]:
+    """The daemon's command line for this installation."""
+    return [python, "-m", "tractor_session", "serve"]
+
+
+def unit_texts(command: list[str] | None = None) -> dict[str, str]:
+    """The two units; ``ExecStart=`` runs ``command`` (default: this
+    installation's interpreter)."""
+    exec_line = " ".join(_quote(a) for a in (command or exec_start()))
     return {
         "tractor-session.socket": SOCKET_UNIT,
-        "tractor-session.service": SERVICE_UNIT.format(exec_start=exec_start),
+        "tractor-session.service": SERVICE_UNIT.format(exec_start=exec_line),
     }
 
 
