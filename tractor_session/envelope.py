@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     '_TRACTOR_RT_VARS_OSENV',
+    'NO_REAP_KEY',
     'MAX_ENVELOPE_BYTES',
     'MAX_DEPTH',
     'EnvelopeError',
@@ -56,6 +57,11 @@ __all__ = [
 ]
 
 _TRACTOR_RT_VARS_OSENV: str = '_TRACTOR_RT_VARS'
+
+# Ours, set only on sessions leased with --no-reap: their leftover processes
+# belong to the user, and garbage collection must spare them too.  Kept by
+# readers as an unknown key, so tractor never sees it as a field.
+NO_REAP_KEY: str = '_tractor_session_no_reap'
 
 # Bounds on hostile input: the size is checked before parsing, the nesting
 # depth (containers, the top-level dict counts as 1) before `literal_eval`,

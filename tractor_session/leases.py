@@ -340,6 +340,7 @@ class LeaseTable:
             _bindspace=bindspace,
             _enable_tpts=[req.transport],
             _registry_addrs=[registry_addr(req.transport, bindspace, port)],
+            extra={} if req.reap else {envelope.NO_REAP_KEY: True},
         )
         name, value = envelope.dump_rtvars(rtvars)
         env = {

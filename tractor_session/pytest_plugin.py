@@ -150,11 +150,20 @@ _ENVELOPE_VARS = (
 
 
 def _transport(config: pytest.Config) -> str:
+    """tractor's ``--tpt-proto`` when its plugin is loaded, else ours."""
     try:
         tractors = config.getoption("--tpt-proto")
     except ValueError:
-        tractors = None
-    return tractors or config.getoption("tractor_session_transport")
+        return config.getoption("tractor_session_transport")
+    # tractor's option is a list (nargs='+'); a lease has one transport.
+    names = [tractors] if isinstance(tractors, str) else list(tractors or [])
+    names = [str(n).strip("'\"") for n in names]
+    if len(names) != 1 or names[0] not in ("tcp", "uds"):
+        raise pytest.UsageError(
+            f"tractor-session: --tpt-proto {' '.join(names)!r}: a session needs exactly one"
+            " transport, tcp or uds"
+        )
+    return names[0]
 
 
 def _active(config: pytest.Config) -> bool:

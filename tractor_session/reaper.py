@@ -143,13 +143,14 @@ def sessions_processes(session_ids: set[str]) -> dict[str, list[Victim]]:
 def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
     """This user's processes of any session whose bindspace is in ``root``,
     grouped by session id.  Sessions of other roots (another daemon's) are
-    none of our business."""
+    none of our business, nor are those leased with ``--no-reap``."""
     prefix = str(root) + os.sep
     return _find(
         prefix,
         lambda rv: rv._bindspace is not None
         and rv._bindspace.startswith(prefix)
-        and os.sep not in rv._bindspace[len(prefix):],
+        and os.sep not in rv._bindspace[len(prefix):]
+        and not rv.extra.get(envelope.NO_REAP_KEY),
     )
 
 
