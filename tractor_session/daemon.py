@@ -59,11 +59,13 @@ from tractor_session.protocol import (
     Status,
     StatusRequest,
     Welcome,
+    short_name,
 )
 
 log = logging.getLogger("tractor_session.daemon")
 
 _PEERCRED = struct.Struct("3i")
+CONNECTION_CLOSED = "its holder's connection closed"
 
 
 @dataclass
@@ -302,7 +304,7 @@ class Daemon:
                 self.connected.discard(lease.lease_id)
                 if not lease.ended and lease.lease_id not in self.ending:
                     assert self._nursery is not None
-                    self._nursery.start_soon(self.end_lease, lease, "holder's connection closed")
+                    self._nursery.start_soon(self.end_lease, lease, CONNECTION_CLOSED)
 
     async def _send(self, stream: trio.SocketStream, msg: protocol.Message) -> None:
         try:
@@ -327,21 +329,32 @@ class Daemon:
                 " daemon (`kill` it) so that a matching one starts, or upgrade.",
             ))
             return
-        await self._send(stream, Welcome(protocol.PROTOCOL_VERSION, os.getpid()))
+        welcome = protocol.frame(Welcome(protocol.PROTOCOL_VERSION, os.getpid()))
+        if not reader.buf:
+            await stream.send_all(welcome)
+            welcome = b""
+        # else the client sent its first request right behind the Hello:
+        # the Welcome goes out with its reply, one wake-up of the client
+        # instead of two.
         while True:
             idle = math.inf if held else self.config.idle_timeout
             body = await reader.read(idle)
             if body is None:
                 return
-            request = protocol.decode_request(body)
             try:
+                request = protocol.decode_request(body)
                 reply = await self._handle(request, peer_pid, held)
+            except ProtocolError:
+                if welcome:
+                    await stream.send_all(welcome)
+                raise
             except LeaseError as err:
                 reply = Error(err.code, str(err))
             except OSError as err:
                 log.warning("request %s failed: %s", type(request).__name__, err)
                 reply = Error("os-error", f"the daemon could not do that: {err}")
-            await stream.send_all(protocol.frame(reply))
+            await stream.send_all(welcome + protocol.frame(reply))
+            welcome = b""
 
     async def _handle(self, request: protocol.Message, peer_pid: int, held: list[Lease]) -> protocol.Message:
         match request:
@@ -424,7 +437,7 @@ class Daemon:
         self._track(lease)
         self._announce()
         log.debug(
-            "granted %s to pid %s: %s %s", lease.bindspace.name, holder,
+            "granted %s to pid %s: %s %s", short_name(lease.lease_id), holder,
             lease.record.transport, lease.info().registry_addr,
         )
         return lease
@@ -507,7 +520,7 @@ class Daemon:
         try:
             for child_id in list(self.table.children.get(lease.lease_id, ())):
                 if (child := self.table.leases.get(child_id)) is not None:
-                    await self.end_lease(child, f"its parent {lease.bindspace.name} ended")
+                    await self.end_lease(child, f"its parent {short_name(lease.lease_id)} ended")
             if lease.record.reap and self._may_have_processes(lease):
                 reaped = await self.reap(lease.lease_id)
             # Not reached when the daemon stops mid-reap: the lease then stays
@@ -518,12 +531,15 @@ class Daemon:
             self.spawn_marks.pop(lease.lease_id, None)
             del self.ending[lease.lease_id]
             done.set()
-        if not clean or reaped:
-            log.info(
-                "ended %s (%s)%s", lease.bindspace.name, reason,
-                f", reaped {len(reaped)}: " + ", ".join(f"{r.pid} {r.cmdline[:60]!r}" for r in reaped)
-                if reaped else "",
-            )
+        # A release, or a client closing its connection, is routine; a
+        # death, an expiry or a reap is worth a line.
+        routine = clean or reason == CONNECTION_CLOSED
+        log.log(
+            logging.DEBUG if routine and not reaped else logging.INFO,
+            "ended %s (%s)%s", short_name(lease.lease_id), reason,
+            f", reaped {len(reaped)}: " + ", ".join(f"{r.pid} {r.cmdline[:60]!r}" for r in reaped)
+            if reaped else "",
+        )
         return reaped
 
     # -- garbage ----------------------------------------------------------

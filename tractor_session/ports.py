@@ -9,7 +9,6 @@ holds it and it binds right now on TCP and UDP, IPv4 and IPv6.
 
 from __future__ import annotations
 
-import errno
 import socket
 import sys
 from collections.abc import Iterator
@@ -101,27 +100,43 @@ class PortPool:
         self.held.discard(port)
 
 
-def _binds(family: socket.AddressFamily, kind: socket.SocketKind, port: int) -> bool:
+def _binds(family: socket.AddressFamily, kind: socket.SocketKind, port: int, v6only: bool) -> bool:
     try:
         with socket.socket(family, kind) as sock:
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
                 sock.bind(("::", port))
             else:
                 sock.bind(("0.0.0.0", port))
-    except OSError as err:
-        # No IPv6 on this host is not a reason to refuse the port.
-        return family == socket.AF_INET6 and err.errno in (
-            errno.EAFNOSUPPORT,
-            errno.EADDRNOTAVAIL,
-        )
+    except OSError:
+        return False
     return True
 
 
+def _have_ipv6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        return False
+    return True
+
+
+_DUAL_STACK = socket.has_ipv6 and _have_ipv6()
+
+
 def is_free(port: int) -> bool:
-    """Whether ``port`` binds on TCP and UDP, over IPv4 and IPv6."""
+    """Whether ``port`` binds on TCP and UDP, over IPv4 and IPv6.
+
+    A dual-stack IPv6 socket bound to ``::`` conflicts with any IPv4 or
+    IPv6 binding of the port, so two binds check all four combinations
+    (this runs for every lease).
+    """
+    if _DUAL_STACK:
+        return all(
+            _binds(socket.AF_INET6, kind, port, v6only=False)
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+        )
     return all(
-        _binds(family, kind, port)
-        for family in (socket.AF_INET, socket.AF_INET6)
+        _binds(socket.AF_INET, kind, port, v6only=False)
         for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)
     )
