@@ -138,11 +138,14 @@ class FrameReader:
     async def read(self, idle_timeout: float) -> bytes | None:
         """The next frame's body, or None at a clean end of stream."""
         if not self.buf:
-            data = b""
-            with trio.move_on_after(idle_timeout) as idle:
+            if idle_timeout == math.inf:  # no cancel scope: this is per request
                 data = await self.stream.receive_some(65536)
-            if idle.cancelled_caught:
-                raise ProtocolError(f"no request within {idle_timeout:g} s; closing")
+            else:
+                data = b""
+                with trio.move_on_after(idle_timeout) as idle:
+                    data = await self.stream.receive_some(65536)
+                if idle.cancelled_caught:
+                    raise ProtocolError(f"no request within {idle_timeout:g} s; closing")
             if not data:
                 return None
             self.buf += data
@@ -205,6 +208,25 @@ class _ScanBatch:
     started: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     found: dict[str, list[reaper.Victim]] = field(default_factory=dict)
+
+
+class Peer:
+    """The process at the other end of a connection.  Its start time is
+    read once, on its first connection-held lease."""
+
+    _UNREAD = -1.0
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start: float | None = self._UNREAD
+
+    @property
+    def start(self) -> float | None:
+        # The pid is unknown (0) on macOS and across pid namespaces: then
+        # only the connection bounds its leases.
+        if self._start == self._UNREAD:
+            self._start = start_time(self.pid) if self.pid > 0 else None
+        return self._start
 
 
 class Daemon:
@@ -286,7 +308,7 @@ class Daemon:
                 await self._send(stream, Error("forbidden", "this daemon serves only its own user"))
                 return
             reader = FrameReader(stream, self.config.max_message_bytes, self.config.request_timeout)
-            await self._converse(stream, reader, pid, held)
+            await self._converse(stream, reader, Peer(pid), held)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except ProtocolError as err:
@@ -313,7 +335,7 @@ class Daemon:
             pass
 
     async def _converse(
-        self, stream: trio.SocketStream, reader: FrameReader, peer_pid: int, held: list[Lease]
+        self, stream: trio.SocketStream, reader: FrameReader, peer: Peer, held: list[Lease]
     ) -> None:
         body = await reader.read(self.config.request_timeout)
         if body is None:
@@ -343,7 +365,7 @@ class Daemon:
                 return
             try:
                 request = protocol.decode_request(body)
-                reply = await self._handle(request, peer_pid, held)
+                reply = await self._handle(request, peer, held)
             except ProtocolError:
                 if welcome:
                     await stream.send_all(welcome)
@@ -356,10 +378,10 @@ class Daemon:
             await stream.send_all(welcome + protocol.frame(reply))
             welcome = b""
 
-    async def _handle(self, request: protocol.Message, peer_pid: int, held: list[Lease]) -> protocol.Message:
+    async def _handle(self, request: protocol.Message, peer: Peer, held: list[Lease]) -> protocol.Message:
         match request:
             case LeaseRequest():
-                lease = self.grant(request, peer_pid)
+                lease = self.grant(request, peer)
                 if request.holder_pid is None:
                     held.append(lease)
                 return Granted(lease.info(), lease.record.env)
@@ -410,7 +432,7 @@ class Daemon:
             raise LeaseError("bad-holder", f"holder pid {pid} belongs to uid {uid}, not to you")
         return start
 
-    def grant(self, request: LeaseRequest, peer_pid: int) -> Lease:
+    def grant(self, request: LeaseRequest, peer: Peer) -> Lease:
         if len(self.table) >= self.config.max_leases:
             raise LeaseError(
                 "too-many-leases",
@@ -420,14 +442,11 @@ class Daemon:
         if request.ttl is not None and not (0 < request.ttl < 10**9):
             raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {request.ttl}")
         by_connection = request.holder_pid is None
-        holder = peer_pid if by_connection else request.holder_pid
-        assert holder is not None
         if by_connection:
-            # The peer's pid is unknown on macOS and across pid namespaces:
-            # then only the connection bounds the lease.
-            holder_start = start_time(holder) if holder > 0 else None
+            holder, holder_start = peer.pid, peer.start
         else:
-            holder_start = self._check_holder(holder)
+            assert request.holder_pid is not None
+            holder, holder_start = request.holder_pid, self._check_holder(request.holder_pid)
         mark = last_pid()
         lease = self.table.grant(request, holder if holder > 0 else None, holder_start, by_connection)
         if by_connection:
