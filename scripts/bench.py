@@ -383,7 +383,7 @@ def measure_memory(b: Bench, n: int) -> dict[str, float]:
         return daemon.memory_info().rss, daemon.num_fds()
 
     with b.connect() as conn:
-        for i in range(200):  # warm caches and allocator arenas first
+        for _ in range(200):  # warm caches and allocator arenas first
             conn.release(conn.lease(holder_pid=holders[0].pid).lease.lease_id)
         rss0, fds0 = rss_fds()
         ids = [conn.lease(holder_pid=holders[i % 10].pid).lease.lease_id for i in range(n)]

@@ -14,9 +14,7 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import TracebackType
 
 from tractor_session import envelope, paths, protocol
 from tractor_session.protocol import (

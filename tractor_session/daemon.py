@@ -1,10 +1,11 @@
 """The per-user daemon: grants leases and cleans up after dead sessions.
 
-One trio task serves each client connection; one watcher task per lease
-waits for its holder to die or its time to run out.  Lease bookkeeping is
-synchronous (see :mod:`tractor_session.leases`), so requests never race
-each other between an ``await``; only reaping a session's processes, which
-waits out a grace period, happens in the background.
+One trio task serves each client connection; one task per holder process
+waits (on a pidfd) for it to die, and one task ends leases whose ttl runs
+out.  Lease bookkeeping is synchronous (see :mod:`tractor_session.leases`),
+so requests never race each other between two awaits; only reaping a
+session's processes, which waits out a grace period, and garbage sweeps
+happen in the background.
 
 Stopping (SIGTERM, SIGINT) keeps every live lease on disk: the next daemon
 re-adopts them.

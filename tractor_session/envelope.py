@@ -378,9 +378,10 @@ def _check_tree(tree: ast.Expression) -> None:
             if isinstance(node, ast.Dict):
                 if None in node.keys:
                     raise EnvelopeError('not a literal: ** unpacking')
-                children: list[ast.AST] = [*node.keys, *node.values]
+                children: list[ast.AST] = [k for k in node.keys if k is not None]
+                children += node.values
             else:
-                children = node.elts
+                children = list(node.elts)
             stack.extend((child, depth + 1) for child in children)
         else:
             raise EnvelopeError(f'not a literal: {type(node).__name__}')

@@ -26,6 +26,7 @@ import pytest
 
 from tractor_session import envelope
 from tractor_session.client import ClientError, connect
+from tractor_session.protocol import Transport
 
 _STATE = pytest.StashKey["_RunSession"]()
 _LEAKS_KEY = "tractor_session_leaks"
@@ -149,12 +150,13 @@ _ENVELOPE_VARS = (
 )
 
 
-def _transport(config: pytest.Config) -> str:
+def _transport(config: pytest.Config) -> Transport:
     """tractor's ``--tpt-proto`` when its plugin is loaded, else ours."""
     try:
         tractors = config.getoption("--tpt-proto")
     except ValueError:
-        return config.getoption("tractor_session_transport")
+        ours: Transport = config.getoption("tractor_session_transport")
+        return ours
     # tractor's option is a list (nargs='+'); a lease has one transport.
     names = [tractors] if isinstance(tractors, str) else list(tractors or [])
     names = [str(n).strip("'\"") for n in names]
@@ -163,7 +165,7 @@ def _transport(config: pytest.Config) -> str:
             f"tractor-session: --tpt-proto {' '.join(names)!r}: a session needs exactly one"
             " transport, tcp or uds"
         )
-    return names[0]
+    return "tcp" if names[0] == "tcp" else "uds"
 
 
 def _active(config: pytest.Config) -> bool:
