@@ -5,8 +5,7 @@ sockets.
 Nothing of ours is mocked.  Each daemon logs to a file of its own (so a
 chatty daemon can never block on a full stderr pipe), every wait is a
 deadline (``wait_for`` or a socket timeout), and every process is killed at
-teardown by the ``runtime`` fixture.  Known bugs are pinned by tests marked
-``xfail(strict=True)``: they fail today and must start passing once fixed.
+teardown by the ``runtime`` fixture.
 """
 
 from __future__ import annotations
@@ -696,12 +695,6 @@ def test_out_of_file_descriptors_gives_a_clear_error_and_recovers(
     assert_served(runtime, "tcp")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: leases.remove_bindspace, cleaning up a grant that failed before its record "
-    "existed, gets FileNotFoundError from unlinking the record and falls back to "
-    "shutil.rmtree(ignore_errors=True), which needs fds: out of fds it silently leaves "
-    "<root>/<12hex>/tractor/ behind, a directory without a lease"
-))
 def test_out_of_file_descriptors_failed_grant_leaves_nothing(
     runtime: Runtime, starve: Callable[..., Starved]
 ) -> None:
@@ -712,11 +705,6 @@ def test_out_of_file_descriptors_failed_grant_leaves_nothing(
     assert os.listdir(runtime.root) == [], "a failed grant left its directory behind"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: liveness.start_time() returns None ('no such process') for any OSError, EMFILE "
-    "included: out of fds, Daemon._check_holder refuses a live holder with "
-    "'bad-holder: holder pid N does not exist' instead of a clear os-error"
-))
 def test_out_of_file_descriptors_holder_lease_fails_with_a_clear_error(
     runtime: Runtime, starve: Callable[..., Starved], blocker: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -732,12 +720,6 @@ def test_out_of_file_descriptors_holder_lease_fails_with_a_clear_error(
     assert "file descriptors" in reply.message, reply
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with one fd left, a lease with a live holder is granted, then its watch "
-    "(liveness.HolderWatches._watch -> Process.open) takes that fd for the pidfd, "
-    "is_alive() -> start_time() fails with EMFILE and returns None, so the live holder "
-    "counts as dead and Daemon._holder_exited ends (and reaps) the lease just granted"
-))
 def test_out_of_file_descriptors_never_ends_a_live_lease(
     runtime: Runtime, starve: Callable[..., Starved], blocker: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -879,12 +861,6 @@ def test_fuzz_decode_request_mutated_valid_messages(body: bytes) -> None:
     check_decoded(body)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "BUG: protocol.decode_request catches only msgspec.DecodeError; a ~1 KB map whose "
-    "first key is unknown and whose value nests ~1000 arrays deep (msgspec skips it while "
-    "looking for the 'type' tag) raises RecursionError instead of ProtocolError, so the "
-    "daemon answers 'internal' (and logs a traceback) instead of a 'protocol' error"
-))
 def test_decode_request_deep_nesting_is_a_protocol_error() -> None:
     body = b"\x82\xa1x" + b"\x91" * 1000 + b"\xc0" + b"\xa4type\xa5hello"
     with pytest.raises(ProtocolError):
@@ -1036,12 +1012,6 @@ def test_hostile_values_are_refused_cleanly(runtime: Runtime, tmp_path: Path) ->
     assert os.listdir(runtime.root) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: LeaseTable.grant checks a LeaseRequest's `parent` only by dict lookup, never "
-    "with daemon.check_id, and its 'unknown-lease' error echoes the whole value (10 KB "
-    "here) where every other id is cut to 80 chars; validate parent with check_id "
-    "(bad-request) before use"
-))
 def test_hostile_parent_id_is_validated_and_not_echoed(runtime: Runtime, tmp_path: Path) -> None:
     start_daemon(runtime, tmp_path / "daemon.log")
     with connect(runtime) as conn:
@@ -1081,8 +1051,8 @@ def test_hostile_ids_are_bad_requests(runtime: Runtime, tmp_path: Path, make: Ca
 
 
 def test_deeply_nested_frame_does_not_kill_the_daemon(runtime: Runtime, tmp_path: Path) -> None:
-    """~1 KB of nesting: the decoder raises RecursionError (see the xfail
-    above), and the daemon must still only lose that one connection."""
+    """~1 KB of nesting, which makes msgspec recurse: the daemon must lose
+    only that one connection."""
     log = tmp_path / "daemon.log"
     daemon = start_daemon(runtime, log)
     with connect(runtime) as good:

@@ -37,6 +37,7 @@ from tractor_session.leases import (
     Lease,
     LeaseError,
     LeaseTable,
+    explain_os_error,
     read_record,
 )
 from tractor_session.liveness import HolderKey, HolderWatches, Process, is_alive, last_pid, start_time
@@ -296,17 +297,17 @@ class Daemon:
         held: list[Lease] = []
         self.connections += 1
         try:
+            pid, uid = peer_credentials(stream.socket)
+            if uid != os.getuid():
+                log.warning("refused a connection from uid %d (pid %d): not our user", uid, pid)
+                await self._send(stream, Error("forbidden", "this daemon serves only its own user"))
+                return
             if self.connections > self.config.max_connections:
                 await self._send(stream, Error(
                     "busy",
                     f"the daemon has {self.config.max_connections} connections open"
                     " (its limit); retry shortly",
                 ))
-                return
-            pid, uid = peer_credentials(stream.socket)
-            if uid != os.getuid():
-                log.warning("refused a connection from uid %d (pid %d): not our user", uid, pid)
-                await self._send(stream, Error("forbidden", "this daemon serves only its own user"))
                 return
             reader = FrameReader(stream, self.config.max_message_bytes, self.config.request_timeout)
             await self._converse(stream, reader, Peer(pid), held)
@@ -330,10 +331,12 @@ class Daemon:
                     self._nursery.start_soon(self.end_lease, lease, CONNECTION_CLOSED)
 
     async def _send(self, stream: trio.SocketStream, msg: protocol.Message) -> None:
-        try:
-            await stream.send_all(protocol.frame(msg))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        """A last word before closing: best effort, never stuck."""
+        with trio.move_on_after(self.config.request_timeout):
+            try:
+                await stream.send_all(protocol.frame(msg))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _converse(
         self, stream: trio.SocketStream, reader: FrameReader, peer: Peer, held: list[Lease]
@@ -375,8 +378,11 @@ class Daemon:
                 reply = Error(err.code, str(err))
             except OSError as err:
                 log.warning("request %s failed: %s", type(request).__name__, err)
-                reply = Error("os-error", f"the daemon could not do that: {err}")
-            await stream.send_all(welcome + protocol.frame(reply))
+                reply = Error("os-error", explain_os_error(err, self.config.root))
+            with trio.move_on_after(self.config.request_timeout) as stuck:
+                await stream.send_all(welcome + protocol.frame(reply))
+            if stuck.cancelled_caught:
+                raise ProtocolError("the client does not read its replies; closing")
             welcome = b""
 
     async def _handle(self, request: protocol.Message, peer: Peer, held: list[Lease]) -> protocol.Message:
@@ -442,6 +448,8 @@ class Daemon:
             )
         if request.ttl is not None and not (0 < request.ttl < 10**9):
             raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {request.ttl}")
+        if request.parent is not None:
+            check_id(request.parent)
         by_connection = request.holder_pid is None
         if by_connection:
             holder, holder_start = peer.pid, peer.start

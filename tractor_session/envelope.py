@@ -35,6 +35,7 @@ import ast
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -399,7 +400,11 @@ def _parse(value: str) -> Any:
     if not value.strip():
         raise EnvelopeError('empty value')
     try:
-        tree: ast.Expression = ast.parse(value, mode='eval')
+        # Hostile text may make the parser warn (invalid escapes, ...): the
+        # warning would land in the log of whoever reads the envelope.
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            tree: ast.Expression = ast.parse(value, mode='eval')
     except (RecursionError, MemoryError):
         # what CPython's parser raises on deep nesting ("too complex")
         raise EnvelopeError('too deeply nested to parse') from None

@@ -179,11 +179,17 @@ def remove_bindspace(root: str, bindspace: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(bindspace)
         return
-    # The common case, a session that left nothing, in three syscalls;
-    # anything else (sockets, links, files) goes through rmtree.
+    # The common case, a session that left nothing, in three syscalls that
+    # need no file descriptor (a grant failing for want of fds must still
+    # clean up); anything else (sockets, links, files) goes through rmtree.
+    for path in (f"{bindspace}/{RECORD_NAME}", f"{bindspace}/tractor"):
+        try:
+            (os.rmdir if path.endswith("/tractor") else os.unlink)(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
     try:
-        os.unlink(f"{bindspace}/{RECORD_NAME}")
-        os.rmdir(f"{bindspace}/tractor")
         os.rmdir(bindspace)
     except OSError:
         shutil.rmtree(bindspace, ignore_errors=True)

@@ -53,14 +53,15 @@ def start_time(pid: int) -> float | None:
     Only ever compared with another stamp from this function: on Linux it
     is the start time in clock ticks since boot, read with one ``read`` of
     ``/proc/<pid>/stat`` (this is on the hot path of every lease);
-    elsewhere psutil's creation time.
+    elsewhere psutil's creation time.  Raises ``OSError`` when it cannot
+    tell (out of file descriptors, say): that is not a death.
     """
     if pid <= 0:
         return None
     if HAVE_PROC_STAT:
         try:
             stat = _read_small(f"/proc/{pid}/stat")
-        except OSError:
+        except (FileNotFoundError, ProcessLookupError):
             return None
         # Fields after the command name, which may itself contain ')'.
         fields = stat[stat.rfind(b")") + 2 :].split()
@@ -72,13 +73,22 @@ def start_time(pid: int) -> float | None:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return proc.create_time()
-    except psutil.Error:
+    except psutil.NoSuchProcess:
         return None
+    except psutil.Error as err:
+        raise OSError(f"cannot read process {pid}: {err}") from None
 
 
 def is_alive(pid: int, start: float | None) -> bool:
-    """Whether the process ``pid`` that started at ``start`` still runs."""
-    now = start_time(pid)
+    """Whether the process ``pid`` that started at ``start`` still runs.
+
+    When that cannot be told (out of file descriptors), the answer is yes:
+    every caller would otherwise end a live lease or collect a live session.
+    """
+    try:
+        now = start_time(pid)
+    except OSError:
+        return True
     return now is not None and (start is None or now == start)
 
 

@@ -194,6 +194,9 @@ def decode_request(body: bytes) -> Hello | Request:
         return _request_decoder.decode(body)
     except msgspec.DecodeError as err:
         raise ProtocolError(f"malformed request: {err}") from None
+    except RecursionError:
+        # msgspec recurses while skipping a deeply nested unknown field.
+        raise ProtocolError("malformed request: nested too deeply") from None
 
 
 def decode_reply(body: bytes) -> Reply:
@@ -201,3 +204,5 @@ def decode_reply(body: bytes) -> Reply:
         return _reply_decoder.decode(body)
     except msgspec.DecodeError as err:
         raise ProtocolError(f"malformed reply from the daemon: {err}") from None
+    except RecursionError:
+        raise ProtocolError("malformed reply from the daemon: nested too deeply") from None

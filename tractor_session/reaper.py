@@ -110,7 +110,7 @@ def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
                     continue
                 start = start_time(proc.pid)
                 victim = Victim(proc.pid, start or 0.0, " ".join(proc.cmdline()) or proc.name())
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 continue
             if start is None:
                 continue
