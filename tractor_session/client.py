@@ -12,11 +12,10 @@ import fcntl
 import os
 import select
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
-from tractor_session import envelope, paths, protocol
+from tractor_session import paths, protocol
 from tractor_session.protocol import (
     Bind,
     Bound,
@@ -39,9 +38,6 @@ from tractor_session.protocol import (
 
 DAEMON_START_TIMEOUT = 10.0
 REPLY_TIMEOUT = 60.0
-# Variables that belong to a session and must not leak into a daemon we
-# start from inside one: the daemon is everyone's, not the session's.
-_SESSION_VARS = (envelope._TRACTOR_RT_VARS_OSENV, "XDG_RUNTIME_DIR")
 
 
 class ClientError(RuntimeError):
@@ -224,8 +220,16 @@ def _last_line(path: Path) -> str:
 
 
 def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
+    # Imported here: starting a daemon is the cold path.
+    import subprocess
+
+    from tractor_session.envelope import _TRACTOR_RT_VARS_OSENV
+
     log_path = sock_path.parent / "daemon.log"
-    daemon_env = {k: v for k, v in env.items() if k not in _SESSION_VARS}
+    # A session's variables must not leak into a daemon started from inside
+    # it: the daemon is everyone's, not the session's.
+    session_vars = (_TRACTOR_RT_VARS_OSENV, "XDG_RUNTIME_DIR")
+    daemon_env = {k: v for k, v in env.items() if k not in session_vars}
     daemon_env[paths.ROOT_ENV] = str(root)
     read_fd, write_fd = os.pipe()
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -189,20 +189,22 @@ def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
     return length
 
 
-def decode_request(body: bytes) -> Hello | Request:
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], body: bytes, what: str) -> T:
     try:
-        return _request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.DecodeError as err:
-        raise ProtocolError(f"malformed request: {err}") from None
+        raise ProtocolError(f"malformed {what}: {err}") from None
     except RecursionError:
         # msgspec recurses while skipping a deeply nested unknown field.
-        raise ProtocolError("malformed request: nested too deeply") from None
+        raise ProtocolError(f"malformed {what}: nested too deeply") from None
+
+
+def decode_request(body: bytes) -> Hello | Request:
+    return _decode(_request_decoder, body, "request")
 
 
 def decode_reply(body: bytes) -> Reply:
-    try:
-        return _reply_decoder.decode(body)
-    except msgspec.DecodeError as err:
-        raise ProtocolError(f"malformed reply from the daemon: {err}") from None
-    except RecursionError:
-        raise ProtocolError("malformed reply from the daemon: nested too deeply") from None
+    return _decode(_reply_decoder, body, "reply from the daemon")
