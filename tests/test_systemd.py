@@ -390,7 +390,7 @@ def test_socket_activation_serves_leases_reports_readiness_watchdog_and_stopping
         assert os.lstat(runtime.socket).st_ino == inode
         with client.connect(environ=runtime.env, autostart=False) as conn:
             conn.sock.settimeout(DEADLINE)
-            assert conn.daemon_pid == proc.pid
+            assert conn.daemon_pid() == proc.pid
             granted = conn.lease()
             assert Path(granted.lease.bindspace).is_dir()
             notify.expect(lambda f: status_count(f) == 1, "STATUS= with 1 live lease", proc)
@@ -485,7 +485,7 @@ def test_listen_pid_of_another_process_makes_the_daemon_ignore_fd3(
         assert stat.S_ISSOCK(os.lstat(runtime.socket).st_mode)
         with client.connect(environ=runtime.env, autostart=False) as conn:
             conn.sock.settimeout(DEADLINE)
-            assert conn.daemon_pid == proc.pid
+            assert conn.daemon_pid() == proc.pid
             conn.lease()
 
         # ... and not on fd 3: a hello there goes unanswered, and the

@@ -12,14 +12,14 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
 
 from tractor_session import paths
 from tractor_session.client import ClientError, Connection, connect
-from tractor_session.protocol import GcItem, Granted, LeaseInfo, Released, short_name
+from tractor_session.protocol import Granted, LeaseInfo, Released, short_name
 
 PROG = "tractor-session"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -48,7 +48,8 @@ def _export_lines(granted: Granted) -> str:
 
 
 def _lease_json(granted: Granted) -> str:
-    return _json({**msgspec.to_builtins(granted.lease), "env": granted.env})
+    env = {**granted.env, "TRACTOR_SESSION_ID": granted.lease.lease_id}
+    return _json({**msgspec.to_builtins(granted.lease), "env": env})
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
@@ -94,24 +95,33 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
     granted = conn.lease(args.tpt_proto, reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent)
     lease_id = granted.lease.lease_id
     env = {**os.environ, **granted.env, "TRACTOR_SESSION_ID": lease_id}
-    try:
-        # posix_spawn rather than subprocess: this is the hot path of every
-        # test run, and subprocess alone costs milliseconds to import.
-        # Python ignores SIGPIPE for itself; the command gets the default.
-        pid = os.posix_spawnp(command[0], command, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-    except OSError as err:
-        _release(conn, lease_id)
-        code = 127 if isinstance(err, FileNotFoundError) else 126
-        return _fail(f"cannot run {command[0]!r}: {err.strerror}", code)
+    child: list[int] = []  # the command's pid, once spawned
+    early: list[int] = []  # signals that came before it was
 
     def forward(signum: int, _frame: object) -> None:
         # The command is our child and not yet waited for, so its pid
         # cannot have been reused.
-        if not _kernel_already_delivered(signum):
-            os.kill(pid, signum)
+        if _kernel_already_delivered(signum):
+            return
+        if child:
+            os.kill(child[0], signum)
+        else:
+            early.append(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
+        try:
+            # posix_spawn rather than subprocess: this is the hot path of
+            # every test run, and subprocess alone costs milliseconds to
+            # import.  Python ignores SIGPIPE; the command gets the default.
+            pid = os.posix_spawnp(command[0], command, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        except OSError as err:
+            _release(conn, lease_id)
+            code = 127 if isinstance(err, FileNotFoundError) else 126
+            return _fail(f"cannot run {command[0]!r}: {err.strerror}", code)
+        child.append(pid)
+        for signum in early:
+            os.kill(pid, signum)
         try:
             conn.bind(lease_id, pid)
         except ClientError:
@@ -121,7 +131,12 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     returncode = os.waitstatus_to_exitcode(status)
-    released = _release(conn, lease_id)
+    # A ^C now would only hide the command's exit status behind ours.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        released = _release(conn, lease_id)
+    finally:
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
     if released is not None and released.reaped:
         kinds = sorted({r.signal for r in released.reaped})
         print(
@@ -178,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{'ID':36}  {'HOLDER':>7}  {'AGE':>4}  {'REGISTRY':24}  BINDSPACE")
         for info in sorted(status.leases, key=lambda i: i.created):
             holder = str(info.holder_pid) if info.holder_pid else "-"
-            parent = f"  (of {info.parent[:12]})" if info.parent else ""
+            parent = f"  (of {short_name(info.parent)})" if info.parent else ""
             print(f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {_addr(info):24}  {info.bindspace}{parent}")
     return 0
 
@@ -204,11 +219,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
     try:
         with connect(autostart=False) as conn:
             items = conn.gc(args.dry_run, args.grace).items
-            where = f"through the daemon (pid {conn.daemon_pid})"
+            where = f"through the daemon (pid {conn.daemon_pid()})"
     except ClientError as err:
-        if err.code != "unreachable":
+        if err.code != "no-daemon":
             raise
-        items = _gc_directly(args.dry_run, args.grace)
+        from tractor_session import garbage
+
+        try:
+            items = garbage.collect_without_daemon(paths.runtime_root(), args.dry_run, args.grace)
+        except garbage.BusyError as busy:
+            return _fail(str(busy))
         where = "directly (no daemon runs)"
     if args.json:
         print(_json(items))
@@ -218,19 +238,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{verb} {item.kind} {item.path}: {item.reason}")
     print(f"{len(items)} item(s) {verb}, {where}")
     return 0
-
-
-def _gc_directly(dry_run: bool, grace: float | None) -> list[GcItem]:
-    """GC without a daemon: trust the on-disk records and holder liveness."""
-    from tractor_session import garbage, reaper
-
-    root = paths.runtime_root()
-    findings = garbage.scan(root, garbage.DEFAULT_GRACE if grace is None else grace)
-    if dry_run:
-        return findings.items()
-    for victims in findings.processes.values():
-        reaper.terminate(victims, grace=3.0)
-    return findings.process_items() + garbage.remove(root, findings.bindspaces + findings.sockets)
 
 
 def cmd_systemd(args: argparse.Namespace) -> int:
@@ -246,18 +253,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     root = Path(args.root) if args.root else paths.runtime_root()
     sock = Path(args.socket) if args.socket else paths.control_dir(root) / "control.sock"
+    if not root.is_absolute():
+        raise UsageError(f"the runtime root must be an absolute path, not {root}")
+    if args.gc_grace is not None and args.gc_grace < 0:
+        raise UsageError("--gc-grace must not be negative")
     try:
         pool = ports.parse_pool(args.port_pool) if args.port_pool else ports.DEFAULT_POOL
-        config = daemon.Config(
-            root=root, socket=sock, port_pool=pool, reap_grace=args.reap_grace,
-            max_leases=args.max_leases, gc_interval=args.gc_interval, gc_grace=args.gc_grace,
-            request_timeout=args.request_timeout, max_message_bytes=args.max_message_bytes,
-            max_connections=args.max_connections,
-        )
         ports.PortPool(pool)
     except ports.PortPoolError as err:
         return _fail(str(err))
+    # Only what was given: the defaults live in daemon.Config.
+    tuning = {name: getattr(args, name) for name in _SERVE_TUNING if getattr(args, name) is not None}
+    config = daemon.Config(root=root, socket=sock, port_pool=pool, **tuning)
     return daemon.serve(config, ready_fd=args.ready_fd)
+
+
+_SERVE_TUNING = (
+    "reap_grace", "max_leases", "gc_interval", "gc_grace", "request_timeout",
+    "idle_timeout", "max_message_bytes", "max_connections",
+)
+
+
+def _positive(convert: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        value = convert(text)
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+        return value
+    parse.__name__ = convert.__name__
+    return parse
 
 
 # -- parser ---------------------------------------------------------------------
@@ -343,7 +367,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--json", action="store_true", help="print the items as a JSON list")
     p.add_argument("--grace", type=float, metavar="SECONDS",
-                   help="age below which a directory without a record is spared (default: 300)")
+                   help="age below which a directory without a record is spared"
+                   " (default: the daemon's --gc-grace, 300 without a daemon)")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
@@ -356,18 +381,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", metavar="DIR", help=f"runtime root (default: ${paths.ROOT_ENV} or tractor's)")
     p.add_argument("--socket", metavar="PATH", help="control socket (default: <root>-session/control.sock)")
     p.add_argument("--port-pool", metavar="LOW-HIGH", help="registry ports to hand out (default: 20000-29999)")
-    p.add_argument("--reap-grace", type=float, default=3.0, metavar="SECONDS",
+    seconds, count = _positive(float), _positive(int)
+    p.add_argument("--reap-grace", type=seconds, metavar="SECONDS",
                    help="time between SIGINT and SIGKILL when reaping (default: 3)")
-    p.add_argument("--max-leases", type=int, default=20000, metavar="N", help="most live leases (default: 20000)")
-    p.add_argument("--gc-interval", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--max-leases", type=count, metavar="N", help="most live leases (default: 20000)")
+    p.add_argument("--gc-interval", type=seconds, metavar="SECONDS",
                    help="time between garbage sweeps (default: 60)")
-    p.add_argument("--gc-grace", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--gc-grace", type=float, metavar="SECONDS",
                    help="age below which a directory without a record is spared (default: 300)")
-    p.add_argument("--request-timeout", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=seconds, metavar="SECONDS",
                    help="how long a client may take to send one whole request (default: 5)")
-    p.add_argument("--max-message-bytes", type=int, default=64 * 1024, metavar="N",
+    p.add_argument("--idle-timeout", type=seconds, metavar="SECONDS",
+                   help="how long a connection holding no lease may stay silent (default: 60)")
+    p.add_argument("--max-message-bytes", type=count, metavar="N",
                    help="largest request accepted (default: 65536)")
-    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+    p.add_argument("--max-connections", type=count, metavar="N",
                    help="most concurrent client connections (default: 1024)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)

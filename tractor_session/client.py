@@ -61,8 +61,8 @@ class Connection:
         self._hello: bytes | None = protocol.frame(Hello(protocol.PROTOCOL_VERSION, "tractor-session"))
         self._daemon_pid = 0
 
-    @property
     def daemon_pid(self) -> int:
+        """The daemon's pid (says hello first if no request has yet)."""
         if self._hello is not None:
             try:
                 self._handshake(b"")
@@ -101,9 +101,12 @@ class Connection:
         return out
 
     def receive(self) -> Reply:
-        header = self._recv_exact(protocol.HEADER.size)
-        length = protocol.body_length(header, limit=16 * 1024 * 1024)
-        return protocol.decode_reply(self._recv_exact(length))
+        try:
+            header = self._recv_exact(protocol.HEADER.size)
+            length = protocol.body_length(header, limit=16 * 1024 * 1024)
+            return protocol.decode_reply(self._recv_exact(length))
+        except protocol.ProtocolError as err:
+            raise ClientError("protocol", str(err)) from None
 
     def request(self, msg: protocol.Message) -> Reply:
         try:
@@ -183,7 +186,7 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
     if (conn := _try_connect(sock_path)) is not None:
         return conn
     if not autostart:
-        raise ClientError("unreachable", f"no tractor-session daemon answers at {sock_path}")
+        raise ClientError("no-daemon", f"no tractor-session daemon runs at {sock_path}")
     return _start_daemon(sock_path, env)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import psutil
 import trio
 
@@ -40,7 +41,14 @@ from tractor_session.leases import (
     explain_os_error,
     read_record,
 )
-from tractor_session.liveness import HolderKey, HolderWatches, Process, is_alive, last_pid, start_time
+from tractor_session.liveness import (
+    HolderKey,
+    HolderWatches,
+    Process,
+    is_alive,
+    last_pid,
+    start_time,
+)
 from tractor_session.ports import DEFAULT_POOL, PortPool, PortPoolError
 from tractor_session.protocol import (
     Bind,
@@ -198,9 +206,14 @@ class LeftoverScanner:
                     # From here on, new requests go to the next batch.
                     self._batch = _ScanBatch()
                     batch.found = await trio.to_thread.run_sync(reaper.sessions_processes, batch.ids)
+            except Exception as err:
+                batch.error = err
+                raise
             finally:
                 batch.done.set()
         await batch.done.wait()
+        if batch.error is not None:
+            raise RuntimeError(f"scanning for leftover processes failed: {batch.error!r}")
         return batch.found.get(session_id, [])
 
 
@@ -210,6 +223,7 @@ class _ScanBatch:
     started: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     found: dict[str, list[reaper.Victim]] = field(default_factory=dict)
+    error: Exception | None = None
 
 
 class Peer:
@@ -221,6 +235,14 @@ class Peer:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._start: float | None = self._UNREAD
+
+    def lineage(self) -> frozenset[int]:
+        """The peer and its ancestors."""
+        try:
+            proc = psutil.Process(self.pid)
+            return frozenset([self.pid, *(p.pid for p in proc.parents())])
+        except psutil.Error:
+            return frozenset([self.pid])
 
     @property
     def start(self) -> float | None:
@@ -249,6 +271,10 @@ class Daemon:
         # lease id -> the host's last pid just before its envelope existed.
         self.spawn_marks: dict[str, int] = {}
         self.connections = 0
+        self.readopted = 0
+        # Set on SIGTERM/SIGINT: from then on nothing ends a lease, so that
+        # every live one stays on disk for the next daemon.
+        self.stopping = False
         self._nursery: trio.Nursery | None = None
 
     # -- lifecycle ------------------------------------------------------
@@ -264,7 +290,7 @@ class Daemon:
             on_ready()
             log.info(
                 "serving %s: root %s, %d leases re-adopted, ports %d-%d",
-                self.config.socket, self.config.root, len(self.table),
+                self.config.socket, self.config.root, self.readopted,
                 self.config.port_pool.start, self.config.port_pool.stop - 1,
             )
 
@@ -287,9 +313,10 @@ class Daemon:
                 self._track(lease)
             else:
                 dead += 1
-                self._nursery.start_soon(self.end_lease, lease, "holder died while no daemon ran")
+                self._end_in_background(lease, "holder died while no daemon ran")
         if dead:
             log.info("recovery: ending %d leases whose holders died meanwhile", dead)
+        self.readopted = len(self.table) - dead
 
     # -- connections ----------------------------------------------------
 
@@ -326,9 +353,7 @@ class Daemon:
             await stream.aclose()
             for lease in held:
                 self.connected.discard(lease.lease_id)
-                if not lease.ended and lease.lease_id not in self.ending:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self.end_lease, lease, CONNECTION_CLOSED)
+                self._end_in_background(lease, CONNECTION_CLOSED)
 
     async def _send(self, stream: trio.SocketStream, msg: protocol.Message) -> None:
         """A last word before closing: best effort, never stuck."""
@@ -376,6 +401,8 @@ class Daemon:
                 raise
             except LeaseError as err:
                 reply = Error(err.code, str(err))
+            except protocol.BadIdError as err:
+                reply = Error("bad-request", str(err))
             except OSError as err:
                 log.warning("request %s failed: %s", type(request).__name__, err)
                 reply = Error("os-error", explain_os_error(err, self.config.root))
@@ -393,19 +420,22 @@ class Daemon:
                     held.append(lease)
                 return Granted(lease.info(), lease.record.env)
             case Release(lease_id=lease_id):
-                lease = self.table.find(check_id(lease_id))
+                lease = self.table.find(protocol.check_id(lease_id))
                 if lease in held:
                     held.remove(lease)
                     self.connected.discard(lease.lease_id)
-                reaped = await self.end_lease(lease, "released", clean=True)
+                # The requester may itself run inside the session (a script
+                # that leased with --export): it and its ancestors are spared.
+                reaped = await self.end_lease(lease, "released", released=True, spare=peer.lineage())
                 return Released(lease.lease_id, reaped)
             case Renew(lease_id=lease_id, ttl=ttl):
-                return self.renew(self.table.find(check_id(lease_id)), ttl)
+                return self.renew(self.table.find(protocol.check_id(lease_id)), ttl)
             case Bind(lease_id=lease_id, pid=pid):
-                lease = self.table.find(check_id(lease_id))
+                lease = self.table.find(protocol.check_id(lease_id))
                 start = self._check_holder(pid)
-                self._untrack_holder(lease)
+                old_key = self._holder_key(lease)
                 self.table.update(lease, holder_pid=pid, holder_start=start)
+                self._untrack_holder(lease, old_key)
                 self._track(lease)
                 return Bound(lease.lease_id)
             case StatusRequest():
@@ -449,7 +479,10 @@ class Daemon:
         if request.ttl is not None and not (0 < request.ttl < 10**9):
             raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {request.ttl}")
         if request.parent is not None:
-            check_id(request.parent)
+            parent = self.table.find(protocol.check_id(request.parent))
+            if parent.lease_id in self.ending:
+                raise LeaseError("unknown-lease", f"parent lease {parent.lease_id} is ending")
+            request = msgspec.structs.replace(request, parent=parent.lease_id)
         by_connection = request.holder_pid is None
         if by_connection:
             holder, holder_start = peer.pid, peer.start
@@ -457,7 +490,7 @@ class Daemon:
             assert request.holder_pid is not None
             holder, holder_start = request.holder_pid, self._check_holder(request.holder_pid)
         mark = last_pid()
-        lease = self.table.grant(request, holder if holder > 0 else None, holder_start, by_connection)
+        lease = self.table.grant(request, holder if holder > 0 else None, holder_start)
         if by_connection:
             self.connected.add(lease.lease_id)
         if mark is not None:
@@ -498,8 +531,12 @@ class Daemon:
             self.holder_watches.add(self._nursery, key)
         self._track_expiry(lease)
 
-    def _untrack_holder(self, lease: Lease) -> None:
-        key = (lease.record.holder_pid or 0, lease.record.holder_start)
+    @staticmethod
+    def _holder_key(lease: Lease) -> HolderKey:
+        return (lease.record.holder_pid or 0, lease.record.holder_start)
+
+    def _untrack_holder(self, lease: Lease, key: HolderKey | None = None) -> None:
+        key = key or self._holder_key(lease)
         if (ids := self.by_holder.get(key)) is not None:
             ids.discard(lease.lease_id)
             if not ids:
@@ -510,7 +547,7 @@ class Daemon:
         assert self._nursery is not None
         for lease_id in self.by_holder.pop(key, ()):
             if (lease := self.table.leases.get(lease_id)) is not None:
-                self._nursery.start_soon(self.end_lease, lease, f"holder pid {key[0]} died")
+                self._end_in_background(lease, f"holder pid {key[0]} died")
 
     def _track_expiry(self, lease: Lease) -> None:
         if lease.record.expires is not None:
@@ -528,40 +565,60 @@ class Daemon:
                 lease = self.table.leases.get(lease_id)
                 # A renewal leaves the old entry behind: the record decides.
                 if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
-                    self._nursery.start_soon(self.end_lease, lease, "its ttl expired")
+                    self._end_in_background(lease, "its ttl expired")
             self._expiries_changed = trio.Event()
             wait = self.expiries[0][0] - now if self.expiries else math.inf
             with trio.move_on_after(wait):
                 await self._expiries_changed.wait()
 
-    async def end_lease(self, lease: Lease, reason: str, clean: bool = False) -> list[Reaped]:
-        """End a lease: reap what its session left running, then free its
-        directory and port.  Concurrent calls wait for the first one."""
-        if lease.ended:
+    def _end_in_background(self, lease: Lease, reason: str) -> None:
+        assert self._nursery is not None
+        if not self.stopping and not lease.ended and lease.lease_id not in self.ending:
+            self._nursery.start_soon(self._end_logging_errors, lease, reason)
+
+    async def _end_logging_errors(self, lease: Lease, reason: str) -> None:
+        """A lease that fails to end (out of fds, say) stays live and
+        watched; the failure costs a log line, never the daemon."""
+        try:
+            await self.end_lease(lease, reason)
+        except Exception:
+            log.exception("could not end lease %s (%s); it stays live", short_name(lease.lease_id), reason)
+
+    async def end_lease(
+        self, lease: Lease, reason: str, released: bool = False, spare: frozenset[int] = frozenset()
+    ) -> list[Reaped]:
+        """End a lease: end its child leases, reap what its session left
+        running (but the ``spare`` pids), then free its directory and port.
+        Concurrent calls wait for the first one."""
+        if lease.ended or self.stopping:
             return []
         if (done := self.ending.get(lease.lease_id)) is not None:
             await done.wait()
             return []
         done = self.ending[lease.lease_id] = trio.Event()
-        self._untrack_holder(lease)
         reaped: list[Reaped] = []
         try:
-            for child_id in list(self.table.children.get(lease.lease_id, ())):
-                if (child := self.table.leases.get(child_id)) is not None:
-                    await self.end_lease(child, f"its parent {short_name(lease.lease_id)} ended")
+            children = [
+                child for child_id in self.table.children.get(lease.lease_id, ())
+                if (child := self.table.leases.get(child_id)) is not None
+            ]
+            async with trio.open_nursery() as nursery:
+                for child in children:
+                    nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
             if lease.record.reap and self._may_have_processes(lease):
-                reaped = await self.reap(lease.lease_id)
+                reaped = await self.reap(lease.lease_id, spare)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
             self.table.end(lease)
+            self._untrack_holder(lease)
+            self.spawn_marks.pop(lease.lease_id, None)
             self._announce()
         finally:
-            self.spawn_marks.pop(lease.lease_id, None)
             del self.ending[lease.lease_id]
             done.set()
         # A release, or a client closing its connection, is routine; a
         # death, an expiry or a reap is worth a line.
-        routine = clean or reason == CONNECTION_CLOSED
+        routine = released or reason == CONNECTION_CLOSED
         log.log(
             logging.DEBUG if routine and not reaped else logging.INFO,
             "ended %s (%s)%s", short_name(lease.lease_id), reason,
@@ -585,9 +642,8 @@ class Daemon:
         findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live]
         if dry_run:
             return findings.items()
-        process_items = findings.process_items()
-        for victims in findings.processes.values():
-            await self.reap_victims(victims)
+        reaped = await self.reap_victims([v for victims in findings.processes.values() for v in victims])
+        process_items = [findings.process_item(r.pid, r.cmdline, r.signal) for r in reaped]
         removed = await trio.to_thread.run_sync(
             garbage.remove, root, findings.bindspaces + findings.sockets
         )
@@ -616,11 +672,11 @@ class Daemon:
             return True
         return last_pid() != mark
 
-    async def reap(self, session_id: str) -> list[Reaped]:
+    async def reap(self, session_id: str, spare: frozenset[int] = frozenset()) -> list[Reaped]:
         """SIGINT a session's leftover processes, then SIGKILL what remains
         after the grace period."""
         victims = await self.scanner.find(session_id)
-        return await self.reap_victims(victims)
+        return await self.reap_victims([v for v in victims if v.pid not in spare])
 
     async def reap_victims(self, victims: list[reaper.Victim]) -> list[Reaped]:
         handles = [(v, p) for v in victims if (p := Process.open(v.pid, v.start)) is not None]
@@ -679,6 +735,7 @@ async def _serve(daemon: Daemon, sock: socket.socket, notifier: systemd.Notifier
             if notifier.watchdog_interval is not None:
                 nursery.start_soon(_feed_watchdog, notifier, notifier.watchdog_interval)
             async for signum in signals:
+                daemon.stopping = True
                 notifier.send("STOPPING=1")
                 log.info(
                     "stopping on %s; %d live leases stay on disk for the next daemon",
@@ -723,7 +780,8 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
     try:
         paths.ensure_private_dir(config.root)
         paths.ensure_private_dir(config.socket.parent)
-        lock_fd = acquire_daemon_lock(config.socket.parent)
+        # Keyed on the root, whatever the socket: one daemon per root.
+        lock_fd = acquire_daemon_lock(paths.ensure_private_dir(paths.control_dir(config.root)))
         daemon = Daemon(config, notifier)
     except (AlreadyRunning, paths.UnsafePathError, PortPoolError) as err:
         print(f"tractor-session serve: {err}", file=sys.stderr)
@@ -744,9 +802,3 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
         os.close(lock_fd)
         notifier.close()
     return 0
-
-
-def check_id(lease_id: str) -> str:
-    if not protocol.LEASE_ID_RE.fullmatch(lease_id):
-        raise LeaseError("bad-request", f"{lease_id[:80]!r} is not a lease id (a uuid or its first 12 hex digits)")
-    return lease_id

@@ -18,20 +18,23 @@ nothing whose name is not ours, and never a listened-on socket.
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tractor_session import paths
 from tractor_session.leases import BINDSPACE_NAME_RE, read_record
 from tractor_session.liveness import is_alive
 from tractor_session.protocol import GcItem, short_name
-from tractor_session.reaper import Victim, session_processes_of_root
+from tractor_session.reaper import Victim, session_processes_of_root, terminate
 
 DEFAULT_GRACE = 300.0
 _ACTOR_SOCKET_RE = re.compile(r"(.+)@(\d+)\.sock")
@@ -44,15 +47,16 @@ class Findings:
     # session id -> its leftover processes
     processes: dict[str, list[Victim]] = field(default_factory=dict)
 
-    def process_items(self) -> list[GcItem]:
-        return [
-            GcItem("process", f"pid {v.pid}: {v.cmdline[:120]}", f"session {sid} has no live lease")
-            for sid, victims in self.processes.items()
-            for v in victims
-        ]
+    def process_item(self, pid: int, cmdline: str, ended_by: str | None = None) -> GcItem:
+        """The report line of one leftover process (``ended_by`` a signal
+        once it was reaped)."""
+        sid = next(sid for sid, victims in self.processes.items() if any(v.pid == pid for v in victims))
+        how = f"; ended by {ended_by}" if ended_by else ""
+        return GcItem("process", f"pid {pid}: {cmdline[:120]}", f"session {sid} has no live lease{how}")
 
     def items(self) -> list[GcItem]:
-        return [*self.process_items(), *self.bindspaces, *self.sockets]
+        procs = [self.process_item(v.pid, v.cmdline) for victims in self.processes.values() for v in victims]
+        return [*procs, *self.bindspaces, *self.sockets]
 
 
 def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float) -> str | None:
@@ -71,16 +75,16 @@ def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float)
 
 
 def _socket_listened_on(path: Path) -> bool:
+    """Only a refused connect proves nobody listens; any other failure
+    (a full backlog, no permission, ...) keeps the socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         try:
             sock.connect(os.fspath(path))
-        except BlockingIOError:
-            return True  # a listener with a full backlog is still a listener
-        except OSError as err:
-            if err.errno == errno.EAGAIN:
-                return True
+        except ConnectionRefusedError:
             return False
+        except OSError:
+            return True
     return True
 
 
@@ -95,14 +99,14 @@ def _socket_verdict(path: Path) -> str | None:
     return "nobody listens on it"
 
 
-def scan(root: Path, grace: float = DEFAULT_GRACE, live: frozenset[str] = frozenset()) -> Findings:
-    """Find garbage in ``root``.  ``live`` holds ids (and bindspace names) of
-    leases a daemon knows to be live: they are never garbage."""
+def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
+    """Find garbage in ``root``.  A daemon drops from the findings what its
+    table knows to be live; without one, the records decide."""
     findings = Findings()
     # Processes first: a lease granted after this scan cannot own one of
     # the processes it found, so checking liveness afterwards is race-free.
     for sid, victims in session_processes_of_root(root).items():
-        if sid not in live and _session_is_dead(root, sid, grace):
+        if _session_is_dead(root, sid, grace):
             findings.processes[sid] = victims
     uid = os.getuid()
     now = time.time()
@@ -119,10 +123,14 @@ def scan(root: Path, grace: float = DEFAULT_GRACE, live: frozenset[str] = frozen
         if st.st_uid != uid:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
-        if ours and stat.S_ISLNK(st.st_mode) and entry.name not in live:
+        if ours and stat.S_ISLNK(st.st_mode):
             findings.bindspaces.append(GcItem("symlink", str(path), "a symlink named like a bindspace"))
         elif ours and stat.S_ISDIR(st.st_mode):
-            if entry.name not in live and (why := _bindspace_verdict(path, st, grace, now)):
+            try:
+                why = _bindspace_verdict(path, st, grace, now)
+            except OSError:
+                continue  # its record cannot be read right now: keep it
+            if why:
                 findings.bindspaces.append(GcItem("bindspace", str(path), why))
         elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(path)):
             findings.sockets.append(GcItem("socket", str(path), why))
@@ -137,7 +145,10 @@ def _session_is_dead(root: Path, session_id: str, grace: float) -> bool:
         return True
     if not stat.S_ISDIR(st.st_mode):
         return True
-    return _bindspace_verdict(bindspace, st, grace, time.time()) is not None
+    try:
+        return _bindspace_verdict(bindspace, st, grace, time.time()) is not None
+    except OSError:
+        return False  # cannot tell: spare it
 
 
 def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
@@ -156,7 +167,12 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
             if stat.S_ISDIR(st.st_mode) and item.kind == "bindspace":
                 # fd-based on Linux: a link swapped in cannot lead outside.
                 shutil.rmtree(path)
-            elif stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            elif stat.S_ISLNK(st.st_mode):
+                os.unlink(path)
+            elif stat.S_ISSOCK(st.st_mode):
+                # Checked again: someone may have bound it since the scan.
+                if _socket_listened_on(path):
+                    continue
                 os.unlink(path)
             else:
                 continue
@@ -166,3 +182,42 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
             continue
         removed.append(item)
     return removed
+
+
+def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None) -> list[GcItem]:
+    """``tractor-session gc`` when no daemon runs: trust the on-disk records
+    and holder liveness.  Raises ``BusyError`` if a daemon holds the root."""
+    if not os.path.lexists(root):
+        return []
+    paths.check_private_dir(root)
+    control = paths.ensure_private_dir(paths.control_dir(root))
+    # No daemon may start meanwhile (clients wait on the spawn lock), and
+    # none may be running unseen (it would hold the daemon lock).
+    with _flock(control / "spawn.lock", block=True), _flock(control / "daemon.lock", block=False) as free:
+        if not free:
+            raise BusyError("a daemon holds this root but did not answer; retry `tractor-session gc`")
+        findings = scan(root, DEFAULT_GRACE if grace is None else grace)
+        if dry_run:
+            return findings.items()
+        ended = terminate([v for victims in findings.processes.values() for v in victims], grace=3.0)
+        processes = [findings.process_item(v.pid, v.cmdline, sig) for v, sig in ended]
+        return processes + remove(root, findings.bindspaces + findings.sockets)
+
+
+class BusyError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _flock(path: Path, block: bool) -> Iterator[bool]:
+    """Hold an flock on ``path``; yields whether it was taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -59,11 +59,11 @@ class LeaseRecord(msgspec.Struct, forbid_unknown_fields=False):
     created: float
     # The process whose life bounds the lease, identified by pid *and*
     # start time so that a reused pid never keeps a dead holder's lease.
+    # For a lease bound to a client connection (``lease --``) this is the
+    # client, then (after a Bind) its command: a restarted daemon, which
+    # no longer has the connection, watches this pid instead.
     holder_pid: int | None
     holder_start: float | None
-    # True while the lease is bound to a client connection (``lease --``);
-    # a restarted daemon then falls back to holder_pid, the command's pid.
-    by_connection: bool = False
     ttl: float | None = None
     expires: float | None = None
     reap: bool = True
@@ -78,10 +78,6 @@ class Lease:
     @property
     def lease_id(self) -> str:
         return self.record.lease_id
-
-    @property
-    def bindspace(self) -> Path:
-        return Path(self.record.bindspace)
 
     def info(self) -> LeaseInfo:
         r = self.record
@@ -138,18 +134,22 @@ def write_record(record: LeaseRecord) -> None:
 
 
 def read_record(bindspace: Path) -> LeaseRecord | None:
-    """The record in ``bindspace``, or None if absent or unreadable."""
+    """The record in ``bindspace``, or None if there is none (or only
+    something that is not a record).  Raises ``OSError`` when it cannot
+    tell, so that no one mistakes a live lease for garbage."""
     try:
         # O_NONBLOCK: a FIFO planted under the record's name must not hang us.
         fd = os.open(bindspace / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # a symlink in the record's place
+            return None
+        raise  # cannot tell (out of fds, say): callers keep the directory
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         data = os.read(fd, 1 << 20)
-    except OSError:
-        return None
     finally:
         os.close(fd)
     try:
@@ -218,7 +218,6 @@ class LeaseTable:
         self._root = str(root)
         self._socket = str(control_socket)
         self.ports = ports
-        self.control_socket = control_socket
         self.leases: dict[str, Lease] = {}
         # 12-hex names handed out, so prefix lookups and collisions are O(1).
         self.by_short: dict[str, Lease] = {}
@@ -239,7 +238,6 @@ class LeaseTable:
         req: LeaseRequest,
         holder_pid: int | None,
         holder_start: float | None,
-        by_connection: bool,
     ) -> Lease:
         """Create a session: directory, port, record and envelope.
 
@@ -247,7 +245,7 @@ class LeaseTable:
         the port given back before the error propagates.
         """
         if req.parent is not None and req.parent not in self.leases:
-            raise LeaseError("unknown-lease", f"parent lease {req.parent!r} is not live")
+            raise LeaseError("unknown-lease", f"parent lease {req.parent[:80]!r} is not live")
         try:
             lease_id, bindspace = self._new_bindspace()
         except OSError as err:
@@ -280,7 +278,6 @@ class LeaseTable:
                 created=now,
                 holder_pid=holder_pid,
                 holder_start=holder_start,
-                by_connection=by_connection,
                 ttl=req.ttl,
                 expires=now + req.ttl if req.ttl is not None else None,
                 reap=req.reap,

@@ -137,8 +137,8 @@ class Process:
                 signal.pidfd_send_signal(self._pidfd, sig)
             elif is_alive(self.pid, self.start):
                 os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        except OSError:
+            pass  # gone, or no longer ours to signal (it exec'd setuid)
 
     async def wait(self) -> None:
         """Return once the process has exited (zombies count as exited)."""
@@ -146,7 +146,7 @@ class Process:
             await trio.lowlevel.wait_readable(self._pidfd)
             return
         while is_alive(self.pid, self.start):
-            await trio.sleep(POLL_INTERVAL)
+            await trio.sleep(POLL_INTERVAL)  # no pidfd here: poll
 
     async def wait_or_timeout(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True if the process exited."""

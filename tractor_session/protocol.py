@@ -39,6 +39,18 @@ class ProtocolError(RuntimeError):
     """The peer sent something that is not a valid message."""
 
 
+class BadIdError(ValueError):
+    """A lease id that is not a uuid or its 12-hex prefix."""
+
+
+def check_id(lease_id: str) -> str:
+    """``lease_id`` if it is well formed; checked before it reaches a path
+    or the lease table."""
+    if not LEASE_ID_RE.fullmatch(lease_id):
+        raise BadIdError(f"{lease_id[:80]!r} is not a lease id (a uuid or its first 12 hex digits)")
+    return lease_id
+
+
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
     pass
 

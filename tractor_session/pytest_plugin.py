@@ -82,14 +82,20 @@ class _RunSession:
         """What the session left behind: socket files and processes."""
         if self.lease is None:
             return []
+        import psutil
+
         from tractor_session import reaper
 
         found = [
             f"socket {path}" for path in _sockets_under(self.lease.bindspace)
         ]
+        # Under `tractor-session lease -- make test`, say, pytest's own
+        # ancestors carry the session too; they are not leftovers.
+        ancestors = {p.pid for p in psutil.Process().parents()}
         found += [
             f"process {v.pid}: {v.cmdline[:200]}"
             for v in reaper.session_processes(self.lease.lease_id)
+            if v.pid not in ancestors
         ]
         return found
 

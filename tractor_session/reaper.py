@@ -109,10 +109,10 @@ def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
                 if proc.uids().real != uid:
                     continue
                 start = start_time(proc.pid)
-                victim = Victim(proc.pid, start or 0.0, " ".join(proc.cmdline()) or proc.name())
+                if start is None:
+                    continue
+                victim = Victim(proc.pid, start, " ".join(proc.cmdline()) or proc.name())
             except (psutil.Error, OSError):
-                continue
-            if start is None:
                 continue
             seen.add(proc.pid)
             groups.setdefault(sid, []).append(victim)
@@ -162,7 +162,7 @@ def terminate(victims: list[Victim], grace: float) -> list[tuple[Victim, str]]:
         if is_alive(v.pid, v.start):
             try:
                 os.kill(v.pid, signal.SIGINT)
-            except ProcessLookupError:
+            except OSError:
                 pass
     deadline = time.monotonic() + grace
     left = [v for v in victims if is_alive(v.pid, v.start)]
@@ -172,7 +172,7 @@ def terminate(victims: list[Victim], grace: float) -> list[tuple[Victim, str]]:
     for v in left:
         try:
             os.kill(v.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except OSError:
             pass
     killed = set(left)
     return [(v, "SIGKILL" if v in killed else "SIGINT") for v in victims]
