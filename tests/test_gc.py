@@ -652,3 +652,18 @@ def test_dry_run_and_json(runtime: Runtime, mode: str, listen) -> None:
     for path in kept:
         assert os.path.lexists(path)
     wait_for(lambda: not pid_alive(orphan2.pid), timeout=5, what="the orphan to be reaped")
+
+
+def test_gc_without_daemon_refuses_a_symlinked_root(runtime: Runtime) -> None:
+    """A root that is a link could lead gc anywhere: refuse it by name and
+    touch nothing behind it."""
+    target = runtime.base / "elsewhere"
+    target.mkdir(mode=0o700)
+    victim = target / "abcdefabcdef"
+    victim.mkdir()
+    os.utime(victim, (0, 0))
+    runtime.root.symlink_to(target)
+    done = runtime.cli("gc", "--grace", "0")
+    assert done.returncode != 0
+    assert "symlink" in done.stderr and str(runtime.root) in done.stderr
+    assert victim.is_dir(), "gc followed a symlinked root"

@@ -676,3 +676,25 @@ def test_gc_while_no_daemon_runs_spares_live_sessions(runtime: Runtime) -> None:
 
     runtime.start_daemon(*GRACE)
     assert lease["lease_id"] in live_leases(runtime)
+
+
+def test_release_from_inside_the_session_spares_the_requester(runtime: Runtime) -> None:
+    """The script pattern: a shell leases with --export, runs things, then
+    releases its own lease.  The shell and the releasing CLI carry the
+    session's envelope, yet the release must not reap them; a leftover
+    child of the script is reaped as usual."""
+    runtime.start_daemon(*GRACE)
+    leftover = runtime.base / "leftover.pid"
+    script = f"""
+        eval "$({PY} -m tractor_session lease --export)"
+        {PY} -c 'import os, sys, time; open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(1000)' {leftover} &
+        while [ ! -s {leftover} ]; do :; done
+        {PY} -m tractor_session release "$TRACTOR_SESSION_ID"
+        echo "release exited $?"
+    """
+    done = subprocess.run(["sh", "-c", script], env=runtime.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "release exited 0" in done.stdout, done.stdout + done.stderr
+    assert runtime.bindspaces() == []
+    child = int(leftover.read_text())
+    wait_for(lambda: not pid_alive(child), RECLAIM, "the script's leftover child to be reaped")
