@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import sys
+import time
 from pathlib import Path
 
 from tractor_session import paths, protocol
@@ -37,6 +38,7 @@ from tractor_session.protocol import (
 )
 
 DAEMON_START_TIMEOUT = 10.0
+LOG_ROTATE_BYTES = 1 << 20
 REPLY_TIMEOUT = 60.0
 
 
@@ -201,17 +203,40 @@ def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
     # rather than only in the log of a daemon that refused to start.
     paths.ensure_private_dir(root)
     control = paths.ensure_private_dir(sock_path.parent)
-    lock_fd = os.open(control / "spawn.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        lock_fd = os.open(control / "spawn.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        raise ClientError("unreachable", f"cannot start a daemon: {control / 'spawn.lock'}: {err.strerror}") from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if (conn := _try_connect(sock_path)) is not None:
             return conn
+        _wait_for_previous_daemon(paths.control_dir(root) / "daemon.lock")
         _spawn_daemon(root, sock_path, env)
         if (conn := _try_connect(sock_path)) is None:
             raise ClientError("unreachable", f"the daemon started but does not answer at {sock_path}")
         return conn
     finally:
         os.close(lock_fd)
+
+
+def _wait_for_previous_daemon(lock_path: Path) -> None:
+    """A daemon that is stopping has closed its socket but still holds its
+    lock for a moment; a new one started now would refuse to run."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
 
 
 def _last_line(path: Path) -> str:
@@ -236,6 +261,9 @@ def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
     daemon_env[paths.ROOT_ENV] = str(root)
     read_fd, write_fd = os.pipe()
     try:
+        # Keep one old log: a daemon that runs for weeks must not fill the disk.
+        if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path.with_name("daemon.log.1"))
         with open(log_path, "ab") as log:
             os.chmod(log_path, 0o600)
             proc = subprocess.Popen(
@@ -250,11 +278,15 @@ def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
         ready, _, _ = select.select([read_fd], [], [], DAEMON_START_TIMEOUT)
         if not ready or not os.read(read_fd, 64):
             code = proc.poll()
+            if code is None:
+                proc.kill()
             raise ClientError(
                 "unreachable",
                 f"the daemon did not start (exit status {code}): {_last_line(log_path)}"
                 f" (full log: {log_path})",
             )
+    except OSError as err:
+        raise ClientError("unreachable", f"cannot start a daemon: {err}") from None
     finally:
         os.close(read_fd)
         if write_fd >= 0:

@@ -3,7 +3,9 @@
 A session's processes are recognised by their environment, not their
 ancestry: a SIGKILLed actor's subactors are re-parented to init and keep
 running, but they still carry the session id in ``_TRACTOR_RT_VARS``, the
-environment they were exec'd with.  Their descendants go with them.
+environment they were exec'd with.  Their descendants go with them, also
+those that carry another session's id: a session leased from inside this
+one (a nested ``tractor-session lease``) is part of it and ends with it.
 
 Scanning reads ``/proc/<pid>/environ`` of this user's processes directly,
 which is several times faster than going through psutil for each one;
