@@ -426,7 +426,7 @@ class Daemon:
                     self.connected.discard(lease.lease_id)
                 # The requester may itself run inside the session (a script
                 # that leased with --export): it and its ancestors are spared.
-                reaped = await self.end_lease(lease, "released", released=True, spare=peer.lineage())
+                reaped = await self.end_lease(lease, "released", released=True, spare=peer)
                 return Released(lease.lease_id, reaped)
             case Renew(lease_id=lease_id, ttl=ttl):
                 return self.renew(self.table.find(protocol.check_id(lease_id)), ttl)
@@ -585,11 +585,11 @@ class Daemon:
             log.exception("could not end lease %s (%s); it stays live", short_name(lease.lease_id), reason)
 
     async def end_lease(
-        self, lease: Lease, reason: str, released: bool = False, spare: frozenset[int] = frozenset()
+        self, lease: Lease, reason: str, released: bool = False, spare: Peer | None = None
     ) -> list[Reaped]:
         """End a lease: end its child leases, reap what its session left
-        running (but the ``spare`` pids), then free its directory and port.
-        Concurrent calls wait for the first one."""
+        running (but ``spare`` and its ancestors), then free its directory
+        and port.  Concurrent calls wait for the first one."""
         if lease.ended or self.stopping:
             return []
         if (done := self.ending.get(lease.lease_id)) is not None:
@@ -602,9 +602,10 @@ class Daemon:
                 child for child_id in self.table.children.get(lease.lease_id, ())
                 if (child := self.table.leases.get(child_id)) is not None
             ]
-            async with trio.open_nursery() as nursery:
-                for child in children:
-                    nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
+            if children:
+                async with trio.open_nursery() as nursery:
+                    for child in children:
+                        nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
             if lease.record.reap and self._may_have_processes(lease):
                 reaped = await self.reap(lease.lease_id, spare)
             # Not reached when the daemon stops mid-reap: the lease then stays
@@ -672,11 +673,16 @@ class Daemon:
             return True
         return last_pid() != mark
 
-    async def reap(self, session_id: str, spare: frozenset[int] = frozenset()) -> list[Reaped]:
+    async def reap(self, session_id: str, spare: Peer | None = None) -> list[Reaped]:
         """SIGINT a session's leftover processes, then SIGKILL what remains
         after the grace period."""
         victims = await self.scanner.find(session_id)
-        return await self.reap_victims([v for v in victims if v.pid not in spare])
+        if victims and spare is not None:
+            # Looked up only now: walking the ancestry costs, and most
+            # sessions leave nothing to reap.
+            lineage = spare.lineage()
+            victims = [v for v in victims if v.pid not in lineage]
+        return await self.reap_victims(victims)
 
     async def reap_victims(self, victims: list[reaper.Victim]) -> list[Reaped]:
         handles = [(v, p) for v in victims if (p := Process.open(v.pid, v.start)) is not None]
