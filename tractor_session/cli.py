@@ -287,7 +287,10 @@ def _positive(convert: type[int] | type[float]) -> Callable[[str], int | float]:
 # -- parser ---------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser; with only the subcommand ``argv`` names, when it names
+    one: building all of them costs ~10 ms, on the hot path of every test
+    run (argparse looks up translations for each)."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -300,7 +303,13 @@ def _parser() -> argparse.ArgumentParser:
         "\nThe daemon starts on demand; see `tractor-session serve --help`.",
     )
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+    wanted = [argv[0]] if argv and argv[0] in _COMMANDS else list(_COMMANDS)
+    for name in wanted:
+        _COMMANDS[name](sub, fmt)
+    return parser
 
+
+def _add_lease(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "lease", formatter_class=fmt,
         help="run a command in a new session (or print one with --export)",
@@ -331,6 +340,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_lease)
 
+
+def _add_status(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "status", formatter_class=fmt, help="list the live leases",
         description="List every live lease: id, holder pid, age, registry address, bindspace.",
@@ -339,6 +350,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
+
+def _add_release(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "release", formatter_class=fmt, help="end a lease by id",
         description="End a lease now: reap its leftover processes, remove its bindspace, free its port.",
@@ -347,6 +360,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("lease_id", metavar="ID", help="the lease id, or its first 12 hex digits")
     p.set_defaults(func=cmd_release)
 
+
+def _add_renew(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "renew", formatter_class=fmt, help="extend a --ttl lease",
         description="Push a time-limited lease's expiry SECONDS into the future.",
@@ -356,6 +371,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=float, metavar="SECONDS", help="new time to live (default: the lease's own)")
     p.set_defaults(func=cmd_renew)
 
+
+def _add_gc(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "gc", formatter_class=fmt, help="remove what dead sessions left behind",
         description="Remove stale bindspaces (their holder is dead, or they have no lease\n"
@@ -371,6 +388,8 @@ def _parser() -> argparse.ArgumentParser:
                    " (default: the daemon's --gc-grace, 300 without a daemon)")
     p.set_defaults(func=cmd_gc)
 
+
+def _add_serve(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "serve", formatter_class=fmt, help="run the daemon in the foreground",
         description="Run the per-user daemon in the foreground. Clients start one on demand,\n"
@@ -400,6 +419,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
+
+def _add_systemd(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "systemd", formatter_class=fmt, help="install the daemon as a systemd user service",
         description="install: write tractor-session.socket and .service into\n"
@@ -411,11 +432,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("install", "uninstall"))
     p.add_argument("--now", action="store_true", help="also enable and start the socket unit")
     p.set_defaults(func=cmd_systemd)
-    return parser
+
+
+_COMMANDS = {
+    "lease": _add_lease,
+    "status": _add_status,
+    "release": _add_release,
+    "renew": _add_renew,
+    "gc": _add_gc,
+    "serve": _add_serve,
+    "systemd": _add_systemd,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
