@@ -760,7 +760,9 @@ def test_out_of_file_descriptors_periodic_sweep_does_not_kill_the_daemon(
 
 # -- 4. hostile input ----------------------------------------------------------
 
-FUZZ = settings(max_examples=2000, deadline=None, database=None)
+# scripts/fuzz.py raises these for a longer run than CI's.
+FUZZ_EXAMPLES = int(os.environ.get("TRACTOR_SESSION_FUZZ_EXAMPLES", "2000"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None)
 
 EVIL_STRINGS = [
     "", "/", "..", ".", "../../x", "/etc", "/etc/passwd", "\x00", "a\x00b", "a" * 10000,
@@ -946,7 +948,7 @@ def test_fuzz_live_daemon(runtime: Runtime, tmp_path: Path) -> None:
     control_before = sorted(os.listdir(runtime.control))
     cases = 0
 
-    @settings(max_examples=300, deadline=None, database=None,
+    @settings(max_examples=max(300, FUZZ_EXAMPLES // 7), deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     @given(live_payloads())
     def one(payload: bytes) -> None:
