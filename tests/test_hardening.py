@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 
 from tractor_session import client, envelope, ports, protocol
 from tractor_session.client import ClientError
-from tractor_session.leases import LeaseError
 from tractor_session.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -133,7 +132,7 @@ def read_to_eof(sock: socket.socket) -> bytes:
             chunk = sock.recv(65536)
         except ConnectionResetError:
             return data
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(f"the daemon kept the connection open; got {data!r} so far") from None
         if not chunk:
             return data
