@@ -310,11 +310,14 @@ def test_get_rtvars_of_a_child_process() -> None:
     d = full(_registry_addrs=[UDS_ADDR], _enable_tpts=['uds'])
     env = {**os.environ, NAME: str(d)}
     proc = subprocess.Popen(
-        [sys.executable, '-c', 'import sys; sys.stdin.read()'],
+        [sys.executable, '-c', 'import sys; print("up", flush=True); sys.stdin.read()'],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         env=env,
     )
     try:
+        # Until the child has exec'd, /proc shows the parent's environment.
+        assert proc.stdout is not None and proc.stdout.readline() == b'up\n'
         assert get_rtvars(psutil.Process(proc.pid)).to_dict() == d
     finally:
         assert proc.stdin is not None
