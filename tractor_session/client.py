@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 
 from tractor_session import paths, protocol
 from tractor_session.protocol import (
@@ -40,6 +41,7 @@ from tractor_session.protocol import (
 DAEMON_START_TIMEOUT = 10.0
 LOG_ROTATE_BYTES = 1 << 20
 REPLY_TIMEOUT = 60.0
+R = TypeVar("R", bound=protocol.Message)
 
 
 class ClientError(RuntimeError):
@@ -123,6 +125,12 @@ class Connection:
             raise ClientError(reply.code, reply.message)
         return reply
 
+    def _ask(self, msg: protocol.Message, expected: type[R]) -> R:
+        reply = self.request(msg)
+        if not isinstance(reply, expected):
+            raise ClientError("protocol", f"the daemon answered {type(msg).__name__} with {type(reply).__name__}")
+        return reply
+
     def lease(
         self,
         transport: Transport = "tcp",
@@ -132,34 +140,22 @@ class Connection:
         set_xdg: bool = True,
         parent: str | None = None,
     ) -> Granted:
-        reply = self.request(LeaseRequest(transport, holder_pid, ttl, reap, set_xdg, parent))
-        assert isinstance(reply, Granted)
-        return reply
+        return self._ask(LeaseRequest(transport, holder_pid, ttl, reap, set_xdg, parent), Granted)
 
     def release(self, lease_id: str) -> Released:
-        reply = self.request(Release(lease_id))
-        assert isinstance(reply, Released)
-        return reply
+        return self._ask(Release(lease_id), Released)
 
     def renew(self, lease_id: str, ttl: float | None = None) -> Renewed:
-        reply = self.request(Renew(lease_id, ttl))
-        assert isinstance(reply, Renewed)
-        return reply
+        return self._ask(Renew(lease_id, ttl), Renewed)
 
     def bind(self, lease_id: str, pid: int) -> Bound:
-        reply = self.request(Bind(lease_id, pid))
-        assert isinstance(reply, Bound)
-        return reply
+        return self._ask(Bind(lease_id, pid), Bound)
 
     def gc(self, dry_run: bool = False, grace: float | None = None) -> GcReport:
-        reply = self.request(GcRequest(dry_run, grace))
-        assert isinstance(reply, GcReport)
-        return reply
+        return self._ask(GcRequest(dry_run, grace), GcReport)
 
     def status(self) -> Status:
-        reply = self.request(StatusRequest())
-        assert isinstance(reply, Status)
-        return reply
+        return self._ask(StatusRequest(), Status)
 
 
 def _try_connect(path: Path) -> Connection | None:

@@ -14,6 +14,7 @@ re-adopts them.
 from __future__ import annotations
 
 import fcntl
+import functools
 import heapq
 import logging
 import math
@@ -226,15 +227,17 @@ class _ScanBatch:
     error: Exception | None = None
 
 
+def _check_ttl(ttl: float) -> None:
+    if not 0 < ttl < 10**9:  # also refuses NaN
+        raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {ttl}")
+
+
 class Peer:
     """The process at the other end of a connection.  Its start time is
     read once, on its first connection-held lease."""
 
-    _UNREAD = -1.0
-
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._start: float | None = self._UNREAD
 
     def lineage(self) -> frozenset[int]:
         """The peer and its ancestors."""
@@ -244,13 +247,11 @@ class Peer:
         except psutil.Error:
             return frozenset([self.pid])
 
-    @property
+    @functools.cached_property
     def start(self) -> float | None:
         # The pid is unknown (0) on macOS and across pid namespaces: then
         # only the connection bounds its leases.
-        if self._start == self._UNREAD:
-            self._start = start_time(self.pid) if self.pid > 0 else None
-        return self._start
+        return start_time(self.pid) if self.pid > 0 else None
 
 
 class Daemon:
@@ -476,8 +477,8 @@ class Daemon:
                 f"the daemon holds {len(self.table)} leases, its limit (--max-leases);"
                 " release some or run `tractor-session status`",
             )
-        if request.ttl is not None and not (0 < request.ttl < 10**9):
-            raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {request.ttl}")
+        if request.ttl is not None:
+            _check_ttl(request.ttl)
         if request.parent is not None:
             parent = self.table.find(protocol.check_id(request.parent))
             if parent.lease_id in self.ending:
@@ -497,10 +498,11 @@ class Daemon:
             self.spawn_marks[lease.lease_id] = mark
         self._track(lease)
         self._announce()
-        log.debug(
-            "granted %s to pid %s: %s %s", short_name(lease.lease_id), holder,
-            lease.record.transport, lease.info().registry_addr,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # info() is work; grants are the hot path
+            log.debug(
+                "granted %s to pid %s: %s %s", short_name(lease.lease_id), holder,
+                lease.record.transport, lease.info().registry_addr,
+            )
         return lease
 
     def _announce(self) -> None:
@@ -510,8 +512,7 @@ class Daemon:
         ttl = ttl if ttl is not None else lease.record.ttl
         if ttl is None:
             raise LeaseError("bad-request", f"lease {lease.lease_id} has no ttl; pass --ttl")
-        if not 0 < ttl < 10**9:
-            raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {ttl}")
+        _check_ttl(ttl)
         expires = time.time() + ttl
         self.table.update(lease, ttl=ttl, expires=expires)
         self._track_expiry(lease)
@@ -523,9 +524,8 @@ class Daemon:
         """Watch what can end ``lease`` other than a request.  A lease bound
         to one of our connections needs no pid watch: the connection closes
         when its process dies."""
-        record = lease.record
-        if lease.lease_id not in self.connected and record.holder_pid is not None:
-            key = (record.holder_pid, record.holder_start)
+        if lease.lease_id not in self.connected and lease.record.holder_pid is not None:
+            key = self._holder_key(lease)
             self.by_holder.setdefault(key, set()).add(lease.lease_id)
             assert self._nursery is not None
             self.holder_watches.add(self._nursery, key)

@@ -113,24 +113,23 @@ def create_record(record: LeaseRecord) -> None:
     No temporary file is needed: a crash mid-write leaves a record that does
     not parse, which counts as no record, the state before the write.
     """
-    path = f"{record.bindspace}/{RECORD_NAME}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, _record_encoder.encode(record))
-    finally:
-        os.close(fd)
+    _write_file(f"{record.bindspace}/{RECORD_NAME}", record, os.O_EXCL)
 
 
 def write_record(record: LeaseRecord) -> None:
     """Atomically rewrite a lease's record inside its bindspace."""
-    path = Path(record.bindspace) / RECORD_NAME
-    tmp = path.with_name(f"{RECORD_NAME}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    path = f"{record.bindspace}/{RECORD_NAME}"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    _write_file(tmp, record, os.O_TRUNC)
+    os.replace(tmp, path)
+
+
+def _write_file(path: str, record: LeaseRecord, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | mode, 0o600)
     try:
         os.write(fd, _record_encoder.encode(record))
     finally:
         os.close(fd)
-    os.replace(tmp, path)
 
 
 def read_record(bindspace: Path) -> LeaseRecord | None:
@@ -182,9 +181,9 @@ def remove_bindspace(root: str, bindspace: str) -> None:
     # The common case, a session that left nothing, in three syscalls that
     # need no file descriptor (a grant failing for want of fds must still
     # clean up); anything else (sockets, links, files) goes through rmtree.
-    for path in (f"{bindspace}/{RECORD_NAME}", f"{bindspace}/tractor"):
+    for remove, path in ((os.unlink, f"{bindspace}/{RECORD_NAME}"), (os.rmdir, f"{bindspace}/tractor")):
         try:
-            (os.rmdir if path.endswith("/tractor") else os.unlink)(path)
+            remove(path)
         except FileNotFoundError:
             pass
         except OSError:

@@ -38,14 +38,22 @@ class Victim:
     cmdline: str
 
 
-def _rtvars_of(environ: bytes) -> envelope.RuntimeVars | None:
+def _matching_session(value: str, match: Match) -> str | None:
+    """The session id in the envelope text ``value`` if ``match`` accepts
+    it; None for anything else, a hostile or garbled envelope included."""
+    try:
+        rtvars = envelope.load_rtvars({envelope._TRACTOR_RT_VARS_OSENV: value})
+    except envelope.EnvelopeError:
+        return None
+    return rtvars._session_uuid if rtvars._session_uuid is not None and match(rtvars) else None
+
+
+def _envelope_in(environ: bytes) -> str | None:
     for entry in environ.split(b"\0"):
         if entry.startswith(_MARKER):
             try:
-                return envelope.load_rtvars(
-                    {envelope._TRACTOR_RT_VARS_OSENV: entry[len(_MARKER):].decode()}
-                )
-            except (envelope.EnvelopeError, UnicodeDecodeError):
+                return entry[len(_MARKER):].decode()
+            except UnicodeDecodeError:
                 return None
     return None
 
@@ -65,10 +73,10 @@ def _linux_marked(needle: bytes, match: Match) -> dict[int, str]:
         except OSError:
             continue
         # A cheap byte search first: most processes carry no envelope.
-        if needle not in data or (rtvars := _rtvars_of(data)) is None:
+        if needle not in data or (value := _envelope_in(data)) is None:
             continue
-        if rtvars._session_uuid is not None and match(rtvars):
-            found[int(name)] = rtvars._session_uuid
+        if (sid := _matching_session(value, match)) is not None:
+            found[int(name)] = sid
     return found
 
 
@@ -82,14 +90,8 @@ def _psutil_marked(match: Match) -> dict[int, str]:
             value = proc.environ().get(envelope._TRACTOR_RT_VARS_OSENV)
         except (psutil.Error, AttributeError):
             continue
-        if value is None:
-            continue
-        try:
-            rtvars = envelope.load_rtvars({envelope._TRACTOR_RT_VARS_OSENV: value})
-        except envelope.EnvelopeError:
-            continue
-        if rtvars._session_uuid is not None and match(rtvars):
-            found[proc.pid] = rtvars._session_uuid
+        if value is not None and (sid := _matching_session(value, match)) is not None:
+            found[proc.pid] = sid
     return found
 
 
