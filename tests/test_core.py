@@ -34,8 +34,6 @@ from tractor_session import paths, ports, protocol
 from tractor_session.client import ClientError, connect
 from tractor_session.envelope import load_rtvars
 from tractor_session.protocol import (
-    HEADER,
-    PROTOCOL_VERSION,
     Error,
     Hello,
     StatusRequest,
@@ -43,6 +41,7 @@ from tractor_session.protocol import (
     decode_reply,
     frame,
 )
+from tractor_session.wire import HEADER, PROTOCOL_VERSION
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and pidfds")
 
@@ -933,10 +932,16 @@ GARBAGE = {
     "truncated-frame": (HEADER.pack(100) + b"x" * 10, True),
     "request-before-hello": (frame(StatusRequest()), False),
     "unknown-message-type": (
-        frame(Hello(version=PROTOCOL_VERSION)) + raw_frame(msgspec.msgpack.encode({"type": "launch_missiles", "n": 1})),
+        frame(Hello(version=PROTOCOL_VERSION)) + raw_frame(msgspec.json.encode({"type": "launch_missiles", "n": 1})),
         False,
     ),
     "hello-twice": (frame(Hello(version=PROTOCOL_VERSION)) * 2, False),
+    # JSON cannot carry an infinite ttl; a number past a double's range is
+    # the nearest a client can send.
+    "out-of-range-number": (
+        frame(Hello(version=PROTOCOL_VERSION)) + raw_frame(b'{"type":"lease","transport":"uds","ttl":1e999}'),
+        False,
+    ),
 }
 
 
@@ -973,7 +978,7 @@ def test_wrong_protocol_version_gets_a_version_error_not_a_hang(runtime: Runtime
 
 
 def test_newer_client_hello_with_extra_fields_gets_a_version_error(runtime: Runtime, daemon) -> None:
-    body = msgspec.msgpack.encode(
+    body = msgspec.json.encode(
         {"type": "hello", "version": PROTOCOL_VERSION + 1, "client": "tractor-session", "features": ["x"]}
     )
     replies = exchange(runtime, raw_frame(body), shut_wr=False)
@@ -1165,7 +1170,10 @@ def test_help_of_every_subcommand_has_an_example(runtime: Runtime, sub: str) -> 
 
 
 @pytest.mark.parametrize("with_daemon", [True, False], ids=["daemon-running", "cold-start"])
-def test_client_does_not_import_trio(runtime: Runtime, pool: str, with_daemon: bool) -> None:
+def test_lease_command_imports_nothing_heavy(runtime: Runtime, pool: str, with_daemon: bool) -> None:
+    """`lease -- CMD` runs before every test run: no trio or psutil ever,
+    and with a daemon running no msgspec or typing either (each costs more
+    milliseconds than the lease itself)."""
     if with_daemon:
         runtime.start_daemon("--port-pool", pool)
     res = subprocess.run(
@@ -1174,6 +1182,7 @@ def test_client_does_not_import_trio(runtime: Runtime, pool: str, with_daemon: b
     )
     stop_autostarted_daemon(runtime)
     assert res.returncode == 0, res.stderr
-    assert "tractor_session.cli" in res.stderr  # importtime did report
-    trio_lines = [line for line in res.stderr.splitlines() if "trio" in line]
-    assert trio_lines == []
+    imported = {line.rpartition("|")[2].strip().partition(".")[0] for line in res.stderr.splitlines()}
+    assert "tractor_session" in imported  # importtime did report
+    heavy = {"trio", "psutil"} | ({"msgspec", "typing"} if with_daemon else set())
+    assert imported & heavy == set()

@@ -41,15 +41,12 @@ from hypothesis import strategies as st
 from tractor_session import client, envelope, ports, protocol
 from tractor_session.client import ClientError
 from tractor_session.protocol import (
-    HEADER,
-    PROTOCOL_VERSION,
     Bind,
     Error,
     GcRequest,
     Granted,
     Hello,
     LeaseRequest,
-    ProtocolError,
     Release,
     Renew,
     StatusRequest,
@@ -58,6 +55,7 @@ from tractor_session.protocol import (
     decode_request,
     frame,
 )
+from tractor_session.wire import HEADER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, SO_PEERCRED and tmpfs")
 
@@ -381,7 +379,7 @@ def test_oversized_message_is_refused_while_others_are_served(runtime: Runtime, 
         # After a valid Hello, with the whole oversized body sent.
         with raw_connect(runtime.socket) as bad:
             handshake(bad)
-            body = msgspec.msgpack.encode({"type": "hello", "version": 1, "client": "x" * 2000})
+            body = msgspec.json.encode({"type": "hello", "version": 1, "client": "x" * 2000})
             assert len(body) > 1024
             with contextlib.suppress(OSError):
                 bad.sendall(HEADER.pack(len(body)) + body)
@@ -815,7 +813,7 @@ def mutated_requests(draw: st.DrawFn) -> bytes:
                 ["hello", "lease", "release", "renew", "bind", "status", "gc", "error", "welcome",
                  "granted", "status_reply", "HELLO", ""]) | ANY_VALUE)
     try:
-        return msgspec.msgpack.encode(d)
+        return msgspec.json.encode(d)
     except (OverflowError, TypeError):
         assume(False)
         raise AssertionError("unreachable")
@@ -861,8 +859,13 @@ def test_fuzz_decode_request_mutated_valid_messages(body: bytes) -> None:
     check_decoded(body)
 
 
+def nested_json(depth: int) -> bytes:
+    """A hello with an unknown field nested ``depth`` lists deep."""
+    return b'{"x":' + b"[" * depth + b"null" + b"]" * depth + b',"type":"hello","version":1}'
+
+
 def test_decode_request_deep_nesting_is_a_protocol_error() -> None:
-    body = b"\x82\xa1x" + b"\x91" * 1000 + b"\xc0" + b"\xa4type\xa5hello"
+    body = nested_json(1000)
     with pytest.raises(ProtocolError):
         decode_request(body)
 
@@ -926,7 +929,7 @@ def live_payloads(draw: st.DrawFn) -> bytes:
     if how == "truncated":
         return HEADER.pack(len(body) + draw(st.integers(1, 1000))) + body
     if how == "huge-header":
-        return HEADER.pack(draw(st.integers(protocol.MAX_MESSAGE_BYTES + 1, 2**32 - 1))) + body
+        return HEADER.pack(draw(st.integers(MAX_MESSAGE_BYTES + 1, 2**32 - 1))) + body
     return draw(st.binary(max_size=64))
 
 
@@ -1000,12 +1003,13 @@ HOSTILE_VALUES: list[tuple[str, Callable[[str], protocol.Message], tuple[str, ..
 
 def test_hostile_values_are_refused_cleanly(runtime: Runtime, tmp_path: Path) -> None:
     """Negative, zero, huge and non-finite numbers, hostile parent ids: each
-    gets its error and costs nothing (same connection, same single lease)."""
+    gets its error and costs nothing (same connection, same single lease).
+    Non-finite numbers are refused by the client, as JSON cannot carry them."""
     start_daemon(runtime, tmp_path / "daemon.log")
     with connect(runtime) as conn:
         held = conn.lease("uds")
         for what, make, codes in HOSTILE_VALUES:
-            err = client_error(lambda: conn.request(make(held.lease.lease_id)))
+            err = client_error(lambda: conn.call(msgspec.to_builtins(make(held.lease.lease_id))))
             assert err.code in codes, (what, err)
             assert [lease.lease_id for lease in conn.status().leases] == [held.lease.lease_id], what
         conn.release(held.lease.lease_id)
@@ -1039,7 +1043,7 @@ def test_hostile_ids_are_bad_requests(runtime: Runtime, tmp_path: Path, make: Ca
     with connect(runtime) as conn:
         held = conn.lease("uds")
         for lease_id in HOSTILE_IDS:
-            err = client_error(lambda: conn.request(make(lease_id)))
+            err = client_error(lambda: conn.call(msgspec.to_builtins(make(lease_id))))
             assert err.code == "bad-request", (lease_id[:40], err)
             assert len(str(err)) < 300, "the error echoes the whole hostile id"
         # The connection and its lease survived every refusal.
@@ -1058,7 +1062,7 @@ def test_deeply_nested_frame_does_not_kill_the_daemon(runtime: Runtime, tmp_path
     with connect(runtime) as good:
         held = good.lease("uds")
         for depth in (1000, 5000, 60000):
-            body = b"\x82\xa1x" + b"\x91" * depth + b"\xc0" + b"\xa4type\xa5hello"
+            body = nested_json(depth)
             with raw_connect(runtime.socket) as sock:
                 sock.sendall(HELLO + HEADER.pack(len(body)) + body)
                 sock.shutdown(socket.SHUT_WR)

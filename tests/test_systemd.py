@@ -38,7 +38,7 @@ import pytest
 from conftest import DEADLINE, Runtime, wait_for
 
 import tractor_session
-from tractor_session import client, paths, protocol, systemd
+from tractor_session import client, paths, protocol, systemd, wire
 
 SYSTEMD_VARS = (
     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
@@ -226,7 +226,7 @@ def hello_gets_no_answer(path: Path, timeout: float = 1.0) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(protocol.frame(protocol.Hello(protocol.PROTOCOL_VERSION, "test")))
+        sock.sendall(protocol.frame(protocol.Hello(wire.PROTOCOL_VERSION, "test")))
         try:
             data = sock.recv(4096)
         except TimeoutError:
@@ -637,7 +637,7 @@ def hello_as(uid: int, path: Path) -> bytes:
                 sock.settimeout(DEADLINE)
                 sock.connect(str(path))
                 try:
-                    sock.sendall(protocol.frame(protocol.Hello(protocol.PROTOCOL_VERSION, "test")))
+                    sock.sendall(protocol.frame(protocol.Hello(wire.PROTOCOL_VERSION, "test")))
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # refused before our hello was read; its answer is still there
                 os.write(write_fd, sock.recv(4096))

@@ -1,12 +1,15 @@
 """The ``tractor-session`` command.
 
 Imports only the client side (no trio, no psutil) unless it is asked to
-``serve``: ``lease -- CMD`` runs on the hot path of every test run.
+``serve``.  ``lease`` runs on the hot path of every test run, so it talks to
+the daemon in plain data (:meth:`Connection.call`) and nothing on its path
+imports msgspec; the other commands use the client's typed replies.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -15,11 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import msgspec
-
 from tractor_session import paths
-from tractor_session.client import ClientError, Connection, connect
-from tractor_session.protocol import Granted, LeaseInfo, Released, short_name
+from tractor_session.client import ClientError, Connection, connect, lease_request
+from tractor_session.paths import short_name
+
+TYPE_CHECKING = False  # see client.py
+if TYPE_CHECKING:
+    from typing import Any
+
+    from tractor_session.protocol import LeaseInfo
 
 PROG = "tractor-session"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -30,7 +37,14 @@ class UsageError(Exception):
 
 
 def _json(obj: object) -> str:
-    return msgspec.json.format(msgspec.json.encode(obj), indent=2).decode()
+    """``obj`` as indented JSON; protocol structs in it become plain data."""
+    return json.dumps(obj, indent=2, default=_plain)
+
+
+def _plain(struct: object) -> object:
+    import msgspec
+
+    return msgspec.to_builtins(struct)
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -41,15 +55,17 @@ def _fail(message: str, code: int = 1) -> int:
 # -- lease ------------------------------------------------------------------
 
 
-def _export_lines(granted: Granted) -> str:
-    lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(granted.env.items())]
-    lines.append(f"export TRACTOR_SESSION_ID={shlex.quote(granted.lease.lease_id)}")
-    return "\n".join(lines)
+def _session_env(granted: dict[str, Any]) -> dict[str, str]:
+    """What a ``granted`` reply puts in the command's environment."""
+    return {**granted["env"], "TRACTOR_SESSION_ID": granted["lease"]["lease_id"]}
 
 
-def _lease_json(granted: Granted) -> str:
-    env = {**granted.env, "TRACTOR_SESSION_ID": granted.lease.lease_id}
-    return _json({**msgspec.to_builtins(granted.lease), "env": env})
+def _export_lines(granted: dict[str, Any]) -> str:
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(_session_env(granted).items()))
+
+
+def _lease_json(granted: dict[str, Any]) -> str:
+    return _json({**granted["lease"], "env": _session_env(granted)})
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
@@ -70,10 +86,10 @@ def cmd_lease(args: argparse.Namespace) -> int:
 def _lease_export(args: argparse.Namespace) -> int:
     holder = args.holder_pid if args.holder_pid is not None else os.getppid()
     with connect() as conn:
-        granted = conn.lease(
+        granted = conn.call(lease_request(
             args.tpt_proto, holder_pid=holder, ttl=args.ttl,
             reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent,
-        )
+        ))
     print(_lease_json(granted) if args.json else _export_lines(granted))
     return 0
 
@@ -92,9 +108,9 @@ def _kernel_already_delivered(sig: int) -> bool:
 
 def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
     conn = connect()
-    granted = conn.lease(args.tpt_proto, reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent)
-    lease_id = granted.lease.lease_id
-    env = {**os.environ, **granted.env, "TRACTOR_SESSION_ID": lease_id}
+    granted = conn.call(lease_request(args.tpt_proto, reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent))
+    lease_id: str = granted["lease"]["lease_id"]
+    env = {**os.environ, **_session_env(granted)}
     child: list[int] = []  # the command's pid, once spawned
     early: list[int] = []  # signals that came before it was
 
@@ -123,7 +139,7 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
         for signum in early:
             os.kill(pid, signum)
         try:
-            conn.bind(lease_id, pid)
+            conn.call({"type": "bind", "lease_id": lease_id, "pid": pid})
         except ClientError:
             pass  # the lease stays bound to this process's connection
         _, status = os.waitpid(pid, 0)
@@ -137,21 +153,22 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
         released = _release(conn, lease_id)
     finally:
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
-    if released is not None and released.reaped:
-        kinds = sorted({r.signal for r in released.reaped})
+    if released is not None and (reaped := released["reaped"]):
+        kinds = sorted({r["signal"] for r in reaped})
         print(
-            f"{PROG}: reaped {len(released.reaped)} leftover process(es) of session"
+            f"{PROG}: reaped {len(reaped)} leftover process(es) of session"
             f" {short_name(lease_id)} ({'/'.join(kinds)}): "
-            + ", ".join(f"{r.pid} {r.cmdline[:40]}" for r in released.reaped[:5]),
+            + ", ".join(f"{r['pid']} {r['cmdline'][:40]}" for r in reaped[:5]),
             file=sys.stderr,
         )
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _release(conn: Connection, lease_id: str) -> Released | None:
+def _release(conn: Connection, lease_id: str) -> dict[str, Any] | None:
     """Release, reconnecting once if the daemon was restarted meanwhile."""
+    release = {"type": "release", "lease_id": lease_id}
     try:
-        return conn.release(lease_id)
+        return conn.call(release)
     except ClientError as err:
         if err.code != "unreachable":
             return None
@@ -159,7 +176,7 @@ def _release(conn: Connection, lease_id: str) -> Released | None:
         conn.close()
     try:
         with connect() as fresh:
-            return fresh.release(lease_id)
+            return fresh.call(release)
     except ClientError:
         # Already ended by the new daemon, which watched the command's pid.
         return None
@@ -334,7 +351,7 @@ def _add_lease(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
     p.add_argument("--json", action="store_true", help="print the lease as JSON and return")
     p.add_argument("--holder-pid", type=int, metavar="PID",
                    help="with --export: the process whose life bounds the lease")
-    p.add_argument("--ttl", type=float, metavar="SECONDS",
+    p.add_argument("--ttl", type=_positive(float), metavar="SECONDS",
                    help="with --export: end the lease after SECONDS unless renewed")
     p.add_argument("--parent", metavar="ID", help=argparse.SUPPRESS)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -368,7 +385,7 @@ def _add_renew(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
         epilog="example:\n  tractor-session renew 3f2a9c1b7d4e --ttl 600",
     )
     p.add_argument("lease_id", metavar="ID")
-    p.add_argument("--ttl", type=float, metavar="SECONDS", help="new time to live (default: the lease's own)")
+    p.add_argument("--ttl", type=_positive(float), metavar="SECONDS", help="new time to live (default: the lease's own)")
     p.set_defaults(func=cmd_renew)
 
 

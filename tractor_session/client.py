@@ -1,9 +1,12 @@
 """The synchronous client: how everything else talks to the daemon.
 
 It must stay cheap to import and run because it sits on the hot path of
-every test run: no trio, no psutil, just a unix socket and msgspec.  If no
-daemon answers it starts one, under a lock so that fifty clients starting
-at once end up with one daemon.
+every test run: no trio, no psutil, no msgspec, just a unix socket and the
+standard library's json.  Replies come back as plain data from
+:meth:`Connection.call`, or as the protocol's typed structs from the named
+methods (which import msgspec on first use).  If no daemon answers, the
+client starts one, under a lock so that fifty clients starting at once end
+up with one daemon.
 """
 
 from __future__ import annotations
@@ -15,33 +18,31 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TypeVar
 
-from tractor_session import paths, protocol
-from tractor_session.protocol import (
-    Bind,
-    Bound,
-    Error,
-    GcReport,
-    GcRequest,
-    Granted,
-    Hello,
-    LeaseRequest,
-    Release,
-    Released,
-    Renew,
-    Renewed,
-    Reply,
-    Status,
-    StatusRequest,
-    Transport,
-    Welcome,
-)
+from tractor_session import paths, wire
+
+# Not ``typing.TYPE_CHECKING``: importing typing costs milliseconds here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    from tractor_session.protocol import (
+        Bound,
+        GcReport,
+        Granted,
+        Message,
+        Released,
+        Renewed,
+        Status,
+        Transport,
+    )
+
+    R = TypeVar("R", bound=Message)
 
 DAEMON_START_TIMEOUT = 10.0
 LOG_ROTATE_BYTES = 1 << 20
+MAX_REPLY_BYTES = 16 * 1024 * 1024
 REPLY_TIMEOUT = 60.0
-R = TypeVar("R", bound=protocol.Message)
 
 
 class ClientError(RuntimeError):
@@ -53,6 +54,21 @@ class ClientError(RuntimeError):
         self.code = code
 
 
+def lease_request(
+    transport: Transport = "tcp",
+    holder_pid: int | None = None,
+    ttl: float | None = None,
+    reap: bool = True,
+    set_xdg: bool = True,
+    parent: str | None = None,
+) -> dict[str, Any]:
+    """A lease request as plain data (its fields: ``protocol.LeaseRequest``)."""
+    return {
+        "type": "lease", "transport": transport, "holder_pid": holder_pid, "ttl": ttl,
+        "reap": reap, "set_xdg": set_xdg, "parent": parent,
+    }
+
+
 class Connection:
     """One connection to the daemon.  Leases taken without a holder pid
     live exactly as long as it stays open."""
@@ -62,7 +78,9 @@ class Connection:
         self._buf = bytearray()
         # The Hello goes out with the first request and its Welcome is read
         # before that request's reply: one round trip saved per connection.
-        self._hello: bytes | None = protocol.frame(Hello(protocol.PROTOCOL_VERSION, "tractor-session"))
+        self._hello: bytes | None = wire.encode(
+            {"type": "hello", "version": wire.PROTOCOL_VERSION, "client": "tractor-session"}
+        )
         self._daemon_pid = 0
 
     def daemon_pid(self) -> int:
@@ -78,12 +96,10 @@ class Connection:
         assert self._hello is not None
         self.sock.sendall(self._hello + request)
         self._hello = None
-        reply = self.receive()
-        if isinstance(reply, Error):
-            raise ClientError(reply.code, reply.message)
-        if not isinstance(reply, Welcome):
-            raise ClientError("protocol", f"unexpected reply to hello: {type(reply).__name__}")
-        self._daemon_pid = reply.daemon_pid
+        welcome = _checked(self.receive(), "welcome")
+        if not isinstance(pid := welcome.get("daemon_pid"), int):
+            raise ClientError("protocol", f"malformed welcome from the daemon: {welcome!r:.200}")
+        self._daemon_pid = pid
 
     def __enter__(self) -> Connection:
         return self
@@ -104,31 +120,39 @@ class Connection:
         del self._buf[:n]
         return out
 
-    def receive(self) -> Reply:
+    def receive(self) -> dict[str, Any]:
         try:
-            header = self._recv_exact(protocol.HEADER.size)
-            length = protocol.body_length(header, limit=16 * 1024 * 1024)
-            return protocol.decode_reply(self._recv_exact(length))
-        except protocol.ProtocolError as err:
+            length = wire.body_length(self._recv_exact(wire.HEADER.size), limit=MAX_REPLY_BYTES)
+            return wire.decode(self._recv_exact(length))
+        except wire.ProtocolError as err:
             raise ClientError("protocol", str(err)) from None
 
-    def request(self, msg: protocol.Message) -> Reply:
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send ``request`` (a message as plain data) and return the reply
+        as plain data.  An error reply raises :class:`ClientError`."""
+        try:
+            data = wire.encode(request)
+        except (TypeError, ValueError) as err:
+            raise ClientError("bad-request", f"cannot send {request.get('type')!r} request: {err}") from None
         try:
             if self._hello is not None:
-                self._handshake(protocol.frame(msg))
+                self._handshake(data)
             else:
-                self.sock.sendall(protocol.frame(msg))
+                self.sock.sendall(data)
             reply = self.receive()
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
-        if isinstance(reply, Error):
-            raise ClientError(reply.code, reply.message)
-        return reply
+        return _checked(reply)
 
-    def _ask(self, msg: protocol.Message, expected: type[R]) -> R:
-        reply = self.request(msg)
+    def _ask(self, request: dict[str, Any], expected: type[R]) -> R:
+        from tractor_session import protocol
+
+        try:
+            reply = protocol.convert_reply(self.call(request))
+        except wire.ProtocolError as err:
+            raise ClientError("protocol", str(err)) from None
         if not isinstance(reply, expected):
-            raise ClientError("protocol", f"the daemon answered {type(msg).__name__} with {type(reply).__name__}")
+            raise ClientError("protocol", f"the daemon answered {request['type']!r} with {type(reply).__name__}")
         return reply
 
     def lease(
@@ -140,22 +164,46 @@ class Connection:
         set_xdg: bool = True,
         parent: str | None = None,
     ) -> Granted:
-        return self._ask(LeaseRequest(transport, holder_pid, ttl, reap, set_xdg, parent), Granted)
+        from tractor_session.protocol import Granted
+
+        return self._ask(lease_request(transport, holder_pid, ttl, reap, set_xdg, parent), Granted)
 
     def release(self, lease_id: str) -> Released:
-        return self._ask(Release(lease_id), Released)
+        from tractor_session.protocol import Released
+
+        return self._ask({"type": "release", "lease_id": lease_id}, Released)
 
     def renew(self, lease_id: str, ttl: float | None = None) -> Renewed:
-        return self._ask(Renew(lease_id, ttl), Renewed)
+        from tractor_session.protocol import Renewed
+
+        return self._ask({"type": "renew", "lease_id": lease_id, "ttl": ttl}, Renewed)
 
     def bind(self, lease_id: str, pid: int) -> Bound:
-        return self._ask(Bind(lease_id, pid), Bound)
+        from tractor_session.protocol import Bound
+
+        return self._ask({"type": "bind", "lease_id": lease_id, "pid": pid}, Bound)
 
     def gc(self, dry_run: bool = False, grace: float | None = None) -> GcReport:
-        return self._ask(GcRequest(dry_run, grace), GcReport)
+        from tractor_session.protocol import GcReport
+
+        return self._ask({"type": "gc", "dry_run": dry_run, "grace": grace}, GcReport)
 
     def status(self) -> Status:
-        return self._ask(StatusRequest(), Status)
+        from tractor_session.protocol import Status
+
+        return self._ask({"type": "status"}, Status)
+
+
+def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, Any]:
+    """``reply``, unless it is an error (raised) or not the ``expected`` type."""
+    if reply["type"] == "error":
+        code, message = reply.get("code"), reply.get("message")
+        if not (isinstance(code, str) and isinstance(message, str)):
+            raise ClientError("protocol", f"malformed error reply from the daemon: {reply!r:.200}")
+        raise ClientError(code, message)
+    if expected is not None and reply["type"] != expected:
+        raise ClientError("protocol", f"expected {expected!r} from the daemon, got {reply['type']!r:.80}")
+    return reply
 
 
 def _try_connect(path: Path) -> Connection | None:

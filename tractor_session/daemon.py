@@ -33,7 +33,7 @@ import msgspec
 import psutil
 import trio
 
-from tractor_session import garbage, paths, protocol, reaper, systemd
+from tractor_session import garbage, paths, protocol, reaper, systemd, wire
 from tractor_session.leases import (
     BINDSPACE_NAME_RE,
     Lease,
@@ -50,6 +50,7 @@ from tractor_session.liveness import (
     last_pid,
     start_time,
 )
+from tractor_session.paths import short_name
 from tractor_session.ports import DEFAULT_POOL, PortPool, PortPoolError
 from tractor_session.protocol import (
     Bind,
@@ -61,7 +62,6 @@ from tractor_session.protocol import (
     Granted,
     Hello,
     LeaseRequest,
-    ProtocolError,
     Reaped,
     Release,
     Released,
@@ -70,8 +70,8 @@ from tractor_session.protocol import (
     Status,
     StatusRequest,
     Welcome,
-    short_name,
 )
+from tractor_session.wire import ProtocolError
 
 log = logging.getLogger("tractor_session.daemon")
 
@@ -87,7 +87,7 @@ class Config:
     socket: Path
     port_pool: range = DEFAULT_POOL
     reap_grace: float = 3.0
-    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
+    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     request_timeout: float = 5.0
     idle_timeout: float = 60.0
     max_connections: int = 1024
@@ -173,10 +173,10 @@ class FrameReader:
         raise ProtocolError(f"incomplete request after {self.frame_timeout:g} s; closing")
 
     def _take_frame(self) -> bytes | None:
-        size = protocol.HEADER.size
+        size = wire.HEADER.size
         if len(self.buf) < size:
             return None
-        end = size + protocol.body_length(bytes(self.buf[:size]), self.limit)
+        end = size + wire.body_length(bytes(self.buf[:size]), self.limit)
         if len(self.buf) < end:
             return None
         body = bytes(self.buf[size:end])
@@ -373,15 +373,15 @@ class Daemon:
         hello = protocol.decode_request(body)
         if not isinstance(hello, Hello):
             raise ProtocolError("expected a hello first")
-        if hello.version != protocol.PROTOCOL_VERSION:
+        if hello.version != wire.PROTOCOL_VERSION:
             await self._send(stream, Error(
                 "version",
                 f"protocol version mismatch: client speaks {hello.version}, daemon"
-                f" (pid {os.getpid()}) speaks {protocol.PROTOCOL_VERSION}. Stop the"
+                f" (pid {os.getpid()}) speaks {wire.PROTOCOL_VERSION}. Stop the"
                 " daemon (`kill` it) so that a matching one starts, or upgrade.",
             ))
             return
-        welcome = protocol.frame(Welcome(protocol.PROTOCOL_VERSION, os.getpid()))
+        welcome = protocol.frame(Welcome(wire.PROTOCOL_VERSION, os.getpid()))
         if not reader.buf:
             await stream.send_all(welcome)
             welcome = b""

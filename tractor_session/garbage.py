@@ -33,7 +33,7 @@ from pathlib import Path
 from tractor_session import paths
 from tractor_session.leases import BINDSPACE_NAME_RE, read_record
 from tractor_session.liveness import is_alive
-from tractor_session.protocol import GcItem, short_name
+from tractor_session.protocol import GcItem
 from tractor_session.reaper import Victim, session_processes_of_root, terminate
 
 DEFAULT_GRACE = 300.0
@@ -138,7 +138,7 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
 
 
 def _session_is_dead(root: Path, session_id: str, grace: float) -> bool:
-    bindspace = root / short_name(session_id)
+    bindspace = root / paths.short_name(session_id)
     try:
         st = os.lstat(bindspace)
     except FileNotFoundError:

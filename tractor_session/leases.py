@@ -28,9 +28,9 @@ from pathlib import Path
 import msgspec
 
 from tractor_session import envelope
-from tractor_session.paths import ROOT_ENV, SOCKET_ENV, fits_af_unix
+from tractor_session.paths import ROOT_ENV, SOCKET_ENV, fits_af_unix, short_name
 from tractor_session.ports import PortPool, PortPoolError
-from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport, short_name
+from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport
 
 RECORD_NAME = ".tractor-session-lease"
 BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")

@@ -69,6 +69,11 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Pat
     return fallback / "tractor"
 
 
+def short_name(lease_id: str) -> str:
+    """The bindspace name of a lease: the first 12 hex digits of its id."""
+    return lease_id.replace("-", "")[:12]
+
+
 def control_dir(root: Path) -> Path:
     """The daemon's own directory: a sibling of the runtime root."""
     return root.with_name(root.name + "-session")

@@ -1,26 +1,27 @@
-"""The control protocol between clients and the daemon.
+"""The control protocol's messages: the schema both ends agree on.
 
-Every message is a msgspec struct, sent as a 4-byte big-endian length and a
-msgpack body.  A connection opens with :class:`Hello`, so that a client and
-a daemon of different protocol versions fail with a clear error instead of
-misreading each other.  The client may send its first request right behind
-its Hello without waiting for :class:`Welcome`: one round trip, not two.
+Every message is a msgspec struct, tagged by its ``"type"`` field and sent
+as JSON (framing: :mod:`tractor_session.wire`).  A connection opens with
+:class:`Hello`, so that a client and a daemon of different protocol versions
+fail with a clear error instead of misreading each other.  The client may
+send its first request right behind its Hello without waiting for
+:class:`Welcome`: one round trip, not two.
 
-This module is shared by the synchronous client and the trio daemon, so it
-imports neither trio nor anything slow.
+The daemon decodes every request strictly against these structs.  The
+client builds its requests as plain data and converts a reply into these
+structs only for callers that ask for typed replies, so that the command
+line never imports msgspec.
 """
 
 from __future__ import annotations
 
 import re
-import struct
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
-PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024
-HEADER = struct.Struct(">I")
+from tractor_session import wire
+from tractor_session.wire import ProtocolError
 
 # A lease id as it appears in requests: a canonical uuid4 string, or the
 # 12-hex prefix that names its bindspace.  Checked before any id reaches a
@@ -28,15 +29,6 @@ HEADER = struct.Struct(">I")
 LEASE_ID_RE = re.compile(r"[0-9a-f]{12}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 Transport = Literal["tcp", "uds"]
-
-
-def short_name(lease_id: str) -> str:
-    """The bindspace name of a lease: the first 12 hex digits of its id."""
-    return lease_id.replace("-", "")[:12]
-
-
-class ProtocolError(RuntimeError):
-    """The peer sent something that is not a valid message."""
 
 
 class BadIdError(ValueError):
@@ -184,33 +176,24 @@ class Error(Message, tag="error"):
 
 Reply = Welcome | Granted | Released | Renewed | Bound | Status | GcReport | Error
 
-_encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(Hello | Request)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(Hello | Request)
+_reply_decoder = msgspec.json.Decoder(Reply)
 
 
 def frame(msg: Message) -> bytes:
-    body = _encoder.encode(msg)
-    return HEADER.pack(len(body)) + body
-
-
-def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
-    (length,) = HEADER.unpack(header)
-    if length > limit:
-        raise ProtocolError(f"message of {length} bytes exceeds the {limit}-byte limit")
-    return length
+    return wire.frame(_encoder.encode(msg))
 
 
 T = TypeVar("T")
 
 
-def _decode(decoder: msgspec.msgpack.Decoder[T], body: bytes, what: str) -> T:
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T:
     try:
         return decoder.decode(body)
     except msgspec.DecodeError as err:
         raise ProtocolError(f"malformed {what}: {err}") from None
     except RecursionError:
-        # msgspec recurses while skipping a deeply nested unknown field.
         raise ProtocolError(f"malformed {what}: nested too deeply") from None
 
 
@@ -220,3 +203,11 @@ def decode_request(body: bytes) -> Hello | Request:
 
 def decode_reply(body: bytes) -> Reply:
     return _decode(_reply_decoder, body, "reply from the daemon")
+
+
+def convert_reply(message: dict[str, Any]) -> Reply:
+    """A reply the client decoded as plain data, as its typed struct."""
+    try:
+        return msgspec.convert(message, Reply)
+    except msgspec.ValidationError as err:
+        raise ProtocolError(f"malformed reply from the daemon: {err}") from None

@@ -1,0 +1,53 @@
+"""How messages travel between a client and the daemon.
+
+A message is a JSON object with a ``"type"`` field, sent as a 4-byte
+big-endian length and the UTF-8 body.  JSON rather than a binary format
+because the client must not import msgspec: msgspec alone costs more than
+a bare interpreter start (it imports ``typing``, ``uuid``, ``decimal`` and
+``datetime``), and the client runs on the hot path of every test run.  The
+standard library's ``json`` reads and writes these few small messages in
+microseconds.  The daemon decodes the same bytes strictly with msgspec,
+against the schema in :mod:`tractor_session.protocol`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+HEADER = struct.Struct(">I")
+
+
+class ProtocolError(RuntimeError):
+    """The peer sent something that is not a valid message."""
+
+
+def frame(body: bytes) -> bytes:
+    return HEADER.pack(len(body)) + body
+
+
+def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
+    (length,) = HEADER.unpack(header)
+    if length > limit:
+        raise ProtocolError(f"message of {length} bytes exceeds the {limit}-byte limit")
+    return length
+
+
+def encode(message: dict[str, object]) -> bytes:
+    """A framed message.  Raises ValueError for what JSON cannot carry (a
+    NaN or infinite float, a string that is not valid unicode): better
+    refused here than by the daemon, which would drop the connection."""
+    return frame(json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+
+
+def decode(body: bytes) -> dict[str, object]:
+    """A message as plain data; its fields are checked by whoever reads them."""
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ProtocolError(f"malformed message: {err}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("malformed message: not an object with a string 'type'")
+    return message
