@@ -317,7 +317,7 @@ def measure_cold_start(b: Bench, n: int) -> dict[str, float]:
 
 def _daemon_pid(b: Bench) -> int | None:
     try:
-        text = (paths.control_dir(b.root) / "daemon.lock").read_text().strip()
+        text = (Path(paths.control_dir(b.root)) / "daemon.lock").read_text().strip()
         return int(text) if text and psutil.pid_exists(int(text)) else None
     except (OSError, ValueError):
         return None

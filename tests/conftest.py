@@ -72,7 +72,7 @@ class Runtime:
 
     @property
     def control(self) -> Path:
-        return paths.control_dir(self.root)
+        return Path(paths.control_dir(self.root))
 
     @property
     def socket(self) -> Path:

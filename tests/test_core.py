@@ -1132,7 +1132,7 @@ def test_fallback_runtime_dir_that_is_world_writable_is_refused(runtime: Runtime
     fallback.chmod(0o777)
     env = {k: v for k, v in runtime.env.items() if k not in (paths.ROOT_ENV, "XDG_RUNTIME_DIR")}
     env["TMPDIR"] = str(runtime.base)
-    control = paths.control_dir(fallback / "tractor")
+    control = Path(paths.control_dir(fallback / "tractor"))
     try:
         res = runtime.cli("lease", "--", "true", env=env)
         assert res.returncode != 0

@@ -334,7 +334,7 @@ def test_units_are_owner_only_notify_watchdog_and_keep_the_runtime_root(home: di
     # %t is $XDG_RUNTIME_DIR for a user manager: the unit's socket is the
     # one a client looks for by default.
     xdg = "/run/user/12345"
-    assert paths.control_socket({"XDG_RUNTIME_DIR": xdg}) == Path(xdg, "tractor-session", "control.sock")
+    assert paths.control_socket({"XDG_RUNTIME_DIR": xdg}) == str(Path(xdg, "tractor-session", "control.sock"))
 
     assert values(service, "Service", "Type") == ["notify"]
     (watchdog,) = values(service, "Service", "WatchdogSec")

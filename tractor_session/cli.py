@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from tractor_session import paths
 from tractor_session.client import ClientError, Connection, connect, lease_request
@@ -266,10 +265,12 @@ def cmd_systemd(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from tractor_session import daemon, ports
 
-    root = Path(args.root) if args.root else paths.runtime_root()
-    sock = Path(args.socket) if args.socket else paths.control_dir(root) / "control.sock"
+    root = Path(args.root or paths.runtime_root())
+    sock = Path(args.socket or os.path.join(paths.control_dir(root), "control.sock"))
     if not root.is_absolute():
         raise UsageError(f"the runtime root must be an absolute path, not {root}")
     if args.gc_grace is not None and args.gc_grace < 0:

@@ -17,7 +17,6 @@ import select
 import socket
 import sys
 import time
-from pathlib import Path
 
 from tractor_session import paths, wire
 
@@ -206,13 +205,13 @@ def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, An
     return reply
 
 
-def _try_connect(path: Path) -> Connection | None:
+def _try_connect(path: str) -> Connection | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Long enough for a release that waits out a reap grace period; short
     # enough that a wedged daemon gives an error instead of a hang.
     sock.settimeout(REPLY_TIMEOUT)
     try:
-        sock.connect(os.fspath(path))
+        sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
@@ -226,9 +225,9 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
     """Connect to this user's daemon, starting one if none answers."""
     env = dict(os.environ if environ is None else environ)
     sock_path = paths.control_socket(env)
-    if os.path.lexists(sock_path.parent):
+    if os.path.lexists(control := os.path.dirname(sock_path)):
         # Someone who can swap this directory could impersonate the daemon.
-        paths.check_private_dir(sock_path.parent)
+        paths.check_private_dir(control)
     if (conn := _try_connect(sock_path)) is not None:
         return conn
     if not autostart:
@@ -236,7 +235,7 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
     return _start_daemon(sock_path, env)
 
 
-def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
+def _start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
     """Start a daemon in the background, unless another client beats us.
 
     The spawn lock serialises clients that found no daemon; each re-checks
@@ -246,16 +245,17 @@ def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
     # Checked here too so that an unsafe directory is named to the user
     # rather than only in the log of a daemon that refused to start.
     paths.ensure_private_dir(root)
-    control = paths.ensure_private_dir(sock_path.parent)
+    paths.ensure_private_dir(control := os.path.dirname(sock_path))
+    spawn_lock = os.path.join(control, "spawn.lock")
     try:
-        lock_fd = os.open(control / "spawn.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        lock_fd = os.open(spawn_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as err:
-        raise ClientError("unreachable", f"cannot start a daemon: {control / 'spawn.lock'}: {err.strerror}") from None
+        raise ClientError("unreachable", f"cannot start a daemon: {spawn_lock}: {err.strerror}") from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if (conn := _try_connect(sock_path)) is not None:
             return conn
-        _wait_for_previous_daemon(paths.control_dir(root) / "daemon.lock")
+        _wait_for_previous_daemon(os.path.join(paths.control_dir(root), "daemon.lock"))
         _spawn_daemon(root, sock_path, env)
         if (conn := _try_connect(sock_path)) is None:
             raise ClientError("unreachable", f"the daemon started but does not answer at {sock_path}")
@@ -264,7 +264,7 @@ def _start_daemon(sock_path: Path, env: dict[str, str]) -> Connection:
         os.close(lock_fd)
 
 
-def _wait_for_previous_daemon(lock_path: Path) -> None:
+def _wait_for_previous_daemon(lock_path: str) -> None:
     """A daemon that is stopping has closed its socket but still holds its
     lock for a moment; a new one started now would refuse to run."""
     try:
@@ -283,36 +283,37 @@ def _wait_for_previous_daemon(lock_path: Path) -> None:
         os.close(fd)
 
 
-def _last_line(path: Path) -> str:
+def _last_line(path: str) -> str:
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        with open(path, errors="replace") as log:
+            lines = log.read().strip().splitlines()
     except OSError:
         return "no log"
     return lines[-1] if lines else "no log"
 
 
-def _spawn_daemon(root: Path, sock_path: Path, env: dict[str, str]) -> None:
+def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
     # Imported here: starting a daemon is the cold path.
     import subprocess
 
     from tractor_session.envelope import _TRACTOR_RT_VARS_OSENV
 
-    log_path = sock_path.parent / "daemon.log"
+    log_path = os.path.join(os.path.dirname(sock_path), "daemon.log")
     # A session's variables must not leak into a daemon started from inside
     # it: the daemon is everyone's, not the session's.
     session_vars = (_TRACTOR_RT_VARS_OSENV, "XDG_RUNTIME_DIR")
     daemon_env = {k: v for k, v in env.items() if k not in session_vars}
-    daemon_env[paths.ROOT_ENV] = str(root)
+    daemon_env[paths.ROOT_ENV] = root
     read_fd, write_fd = os.pipe()
     try:
         # Keep one old log: a daemon that runs for weeks must not fill the disk.
-        if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(log_path, log_path.with_name("daemon.log.1"))
+        if os.path.exists(log_path) and os.path.getsize(log_path) > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path + ".1")
         with open(log_path, "ab") as log:
             os.chmod(log_path, 0o600)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tractor_session", "serve",
-                 "--root", str(root), "--socket", str(sock_path), "--ready-fd", str(write_fd)],
+                 "--root", root, "--socket", sock_path, "--ready-fd", str(write_fd)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 pass_fds=(write_fd,), start_new_session=True, env=daemon_env,
                 cwd="/",

@@ -787,7 +787,9 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
         paths.ensure_private_dir(config.root)
         paths.ensure_private_dir(config.socket.parent)
         # Keyed on the root, whatever the socket: one daemon per root.
-        lock_fd = acquire_daemon_lock(paths.ensure_private_dir(paths.control_dir(config.root)))
+        control = Path(paths.control_dir(config.root))
+        paths.ensure_private_dir(control)
+        lock_fd = acquire_daemon_lock(control)
         daemon = Daemon(config, notifier)
     except (AlreadyRunning, paths.UnsafePathError, PortPoolError) as err:
         print(f"tractor-session serve: {err}", file=sys.stderr)

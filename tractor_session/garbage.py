@@ -184,13 +184,15 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
     return removed
 
 
-def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None) -> list[GcItem]:
+def collect_without_daemon(root: str | os.PathLike[str], dry_run: bool, grace: float | None = None) -> list[GcItem]:
     """``tractor-session gc`` when no daemon runs: trust the on-disk records
     and holder liveness.  Raises ``BusyError`` if a daemon holds the root."""
+    root = Path(root)
     if not os.path.lexists(root):
         return []
     paths.check_private_dir(root)
-    control = paths.ensure_private_dir(paths.control_dir(root))
+    control = Path(paths.control_dir(root))
+    paths.ensure_private_dir(control)
     # No daemon may start meanwhile (clients wait on the spawn lock), and
     # none may be running unseen (it would hold the daemon lock).
     with _flock(control / "spawn.lock", block=True), _flock(control / "daemon.lock", block=False) as free:

@@ -12,6 +12,9 @@ The runtime root is exactly the directory tractor itself uses by default,
 so that garbage collection can also clean tractor's shared bindspace.  The
 control directory sits beside it, never among the bindspaces, and is
 always ``<root>-session`` so one override moves both.
+
+Paths here are strings, not ``pathlib.Path``: the client imports this module
+on the hot path of every test run, and pathlib costs it ~4 ms to import.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from pathlib import Path
 
 ROOT_ENV = "TRACTOR_SESSION_ROOT"
 """Overrides the runtime root (tests, unusual hosts)."""
@@ -37,7 +39,7 @@ class UnsafePathError(RuntimeError):
     """A directory we are about to use could be controlled by someone else."""
 
 
-def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
     """The directory tractor binds its sockets in by default.
 
     tractor computes ``platformdirs.user_runtime_dir()/tractor`` on Linux and
@@ -46,18 +48,18 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Pat
     ``<tmp>/runtime-<uid>``, which we create owner-only and announce once.
     """
     if override := environ.get(ROOT_ENV):
-        return Path(override)
+        return override
     uid = os.getuid()
     if sys.platform == "darwin":
-        return Path(f"/tmp/tractor-{uid}")
+        return f"/tmp/tractor-{uid}"
     if xdg := environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "tractor"
-    run_user = Path(f"/run/user/{uid}")
-    if run_user.is_dir():
-        return run_user / "tractor"
+        return os.path.join(xdg, "tractor")
+    run_user = f"/run/user/{uid}"
+    if os.path.isdir(run_user):
+        return os.path.join(run_user, "tractor")
     import tempfile  # only here: it costs the hot path a few ms to import
 
-    fallback = Path(tempfile.gettempdir()) / f"runtime-{uid}"
+    fallback = os.path.join(tempfile.gettempdir(), f"runtime-{uid}")
     if not os.path.lexists(fallback):
         print(
             f"tractor-session: no /run/user/{uid} and XDG_RUNTIME_DIR is unset;"
@@ -66,7 +68,7 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> Pat
         )
     # Checked every time: it sits in a world-writable directory.
     ensure_private_dir(fallback)
-    return fallback / "tractor"
+    return os.path.join(fallback, "tractor")
 
 
 def short_name(lease_id: str) -> str:
@@ -74,19 +76,19 @@ def short_name(lease_id: str) -> str:
     return lease_id.replace("-", "")[:12]
 
 
-def control_dir(root: Path) -> Path:
+def control_dir(root: str | os.PathLike[str]) -> str:
     """The daemon's own directory: a sibling of the runtime root."""
-    return root.with_name(root.name + "-session")
+    return os.path.normpath(os.fspath(root)) + "-session"
 
 
-def control_socket(environ: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+def control_socket(environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
     """The socket clients connect to: the envelope's, else the default."""
     if path := environ.get(SOCKET_ENV):
-        return Path(path)
-    return control_dir(runtime_root(environ)) / "control.sock"
+        return path
+    return os.path.join(control_dir(runtime_root(environ)), "control.sock")
 
 
-def ensure_private_dir(path: Path) -> Path:
+def ensure_private_dir(path: str | os.PathLike[str]) -> None:
     """Create ``path`` mode 0700 if missing, then refuse it if it is unsafe.
 
     A symlink, a directory of another user or one others can write to would
@@ -94,7 +96,7 @@ def ensure_private_dir(path: Path) -> Path:
     fall back to a different directory in some processes: a split brain).
     """
     try:
-        os.makedirs(path.parent, 0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.normpath(path)), 0o700, exist_ok=True)
         os.mkdir(path, 0o700)
         # mkdir honours the umask; make sure the mode is what we promise.
         os.chmod(path, 0o700)
@@ -103,10 +105,9 @@ def ensure_private_dir(path: Path) -> Path:
     except OSError as err:
         raise UnsafePathError(f"{path}: cannot create it: {err.strerror}") from None
     check_private_dir(path)
-    return path
 
 
-def check_private_dir(path: Path) -> None:
+def check_private_dir(path: str | os.PathLike[str]) -> None:
     """Raise :class:`UnsafePathError` naming ``path`` unless it is ours alone."""
     try:
         st = os.lstat(path)
@@ -129,6 +130,6 @@ def check_private_dir(path: Path) -> None:
         )
 
 
-def fits_af_unix(path: str | Path) -> bool:
+def fits_af_unix(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` can be bound as a unix socket on this platform."""
     return len(os.fsencode(path)) < AF_UNIX_PATH_MAX
