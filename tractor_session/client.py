@@ -89,13 +89,15 @@ class Connection:
                 self._handshake(b"")
             except OSError as err:
                 raise ClientError("unreachable", f"the daemon did not answer: {err}") from None
+            except wire.ProtocolError as err:
+                raise ClientError("protocol", str(err)) from None
         return self._daemon_pid
 
     def _handshake(self, request: bytes) -> None:
         assert self._hello is not None
         self.sock.sendall(self._hello + request)
         self._hello = None
-        welcome = _checked(self.receive(), "welcome")
+        welcome = _checked(wire.decode(self._receive_body()), "welcome")
         if not isinstance(pid := welcome.get("daemon_pid"), int):
             raise ClientError("protocol", f"malformed welcome from the daemon: {welcome!r:.200}")
         self._daemon_pid = pid
@@ -119,16 +121,11 @@ class Connection:
         del self._buf[:n]
         return out
 
-    def receive(self) -> dict[str, Any]:
-        try:
-            length = wire.body_length(self._recv_exact(wire.HEADER.size), limit=MAX_REPLY_BYTES)
-            return wire.decode(self._recv_exact(length))
-        except wire.ProtocolError as err:
-            raise ClientError("protocol", str(err)) from None
+    def _receive_body(self) -> bytes:
+        return self._recv_exact(wire.body_length(self._recv_exact(wire.HEADER.size), limit=MAX_REPLY_BYTES))
 
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send ``request`` (a message as plain data) and return the reply
-        as plain data.  An error reply raises :class:`ClientError`."""
+    def _exchange(self, request: dict[str, Any]) -> bytes:
+        """Send ``request`` and return the body of the daemon's reply."""
         try:
             data = wire.encode(request)
         except (TypeError, ValueError) as err:
@@ -138,18 +135,30 @@ class Connection:
                 self._handshake(data)
             else:
                 self.sock.sendall(data)
-            reply = self.receive()
+            return self._receive_body()
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
-        return _checked(reply)
+        except wire.ProtocolError as err:
+            raise ClientError("protocol", str(err)) from None
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send ``request`` (a message as plain data) and return the reply
+        as plain data.  An error reply raises :class:`ClientError`."""
+        try:
+            return _checked(wire.decode(self._exchange(request)))
+        except wire.ProtocolError as err:
+            raise ClientError("protocol", str(err)) from None
 
     def _ask(self, request: dict[str, Any], expected: type[R]) -> R:
+        """Like :meth:`call`, with the reply decoded straight into its struct."""
         from tractor_session import protocol
 
         try:
-            reply = protocol.convert_reply(self.call(request))
+            reply = protocol.decode_reply(self._exchange(request))
         except wire.ProtocolError as err:
             raise ClientError("protocol", str(err)) from None
+        if isinstance(reply, protocol.Error):
+            raise ClientError(reply.code, reply.message)
         if not isinstance(reply, expected):
             raise ClientError("protocol", f"the daemon answered {request['type']!r} with {type(reply).__name__}")
         return reply

@@ -8,7 +8,7 @@ send its first request right behind its Hello without waiting for
 :class:`Welcome`: one round trip, not two.
 
 The daemon decodes every request strictly against these structs.  The
-client builds its requests as plain data and converts a reply into these
+client sends its requests as plain data and decodes a reply into these
 structs only for callers that ask for typed replies, so that the command
 line never imports msgspec.
 """
@@ -16,7 +16,7 @@ line never imports msgspec.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -204,10 +204,3 @@ def decode_request(body: bytes) -> Hello | Request:
 def decode_reply(body: bytes) -> Reply:
     return _decode(_reply_decoder, body, "reply from the daemon")
 
-
-def convert_reply(message: dict[str, Any]) -> Reply:
-    """A reply the client decoded as plain data, as its typed struct."""
-    try:
-        return msgspec.convert(message, Reply)
-    except msgspec.ValidationError as err:
-        raise ProtocolError(f"malformed reply from the daemon: {err}") from None

@@ -20,6 +20,12 @@ MAX_MESSAGE_BYTES = 64 * 1024
 HEADER = struct.Struct(">I")
 
 
+# What JSON cannot carry is refused here rather than by the daemon, which
+# would drop the connection: a NaN or infinite float, a string that is not
+# valid unicode (ValueError, at ``.encode()``).
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 class ProtocolError(RuntimeError):
     """The peer sent something that is not a valid message."""
 
@@ -36,10 +42,8 @@ def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
 
 
 def encode(message: dict[str, object]) -> bytes:
-    """A framed message.  Raises ValueError for what JSON cannot carry (a
-    NaN or infinite float, a string that is not valid unicode): better
-    refused here than by the daemon, which would drop the connection."""
-    return frame(json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    """A framed message; ValueError for what JSON cannot carry."""
+    return frame(_encoder.encode(message).encode())
 
 
 def decode(body: bytes) -> dict[str, object]:
