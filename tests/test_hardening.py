@@ -1073,3 +1073,71 @@ def test_deeply_nested_frame_does_not_kill_the_daemon(runtime: Runtime, tmp_path
             assert isinstance(replies[-1], Error) and replies[-1].code in ("protocol", "internal"), replies
         assert_served(runtime)
         good.release(held.lease.lease_id)
+
+
+# -- a daemon that answers nonsense -------------------------------------------
+
+WELCOME = b'{"type":"welcome","version":1,"daemon_pid":1}'
+BAD_REPLIES: dict[str, tuple[list[bytes], str]] = {
+    # name: (the frame bodies sent back, the client's error code)
+    "not-json": ([b"\xff\xfe{nope"], "protocol"),
+    "not-an-object": ([b"[1, 2]"], "protocol"),
+    "welcome-without-pid": ([b'{"type":"welcome","version":1}'], "protocol"),
+    "error-without-message": ([WELCOME, b'{"type":"error","code":5}'], "protocol"),
+    "granted-without-lease": ([WELCOME, b'{"type":"granted","env":{}}'], "protocol"),
+    "env-not-strings": ([WELCOME, b'{"type":"granted","lease":{"lease_id":"x"},"env":{"A":1}}'], "protocol"),
+    "huge-length": ([], "protocol"),
+    "closes-mid-frame": ([], "unreachable"),
+}
+
+
+@contextlib.contextmanager
+def fake_daemon(runtime: Runtime, name: str) -> Iterator[None]:
+    """A listener on the control socket that reads each client's first
+    bytes and answers with ``BAD_REPLIES[name]``: real sockets, hostile
+    replies (no daemon of ours can be made to send these)."""
+    bodies, _ = BAD_REPLIES[name]
+    if name == "huge-length":
+        answer = HEADER.pack(2**32 - 1)
+    elif name == "closes-mid-frame":
+        answer = HEADER.pack(100) + b"{"
+    else:
+        answer = b"".join(HEADER.pack(len(body)) + body for body in bodies)
+    runtime.control.mkdir(mode=0o700, parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(runtime.socket))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(DEADLINE)
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(DEADLINE)
+        listener.close()
+
+
+@pytest.mark.parametrize("name", list(BAD_REPLIES))
+def test_nonsense_from_the_daemon_is_a_clear_error_and_runs_nothing(runtime: Runtime, tmp_path: Path, name: str) -> None:
+    marker = tmp_path / "ran"
+    with fake_daemon(runtime, name):
+        res = runtime.cli("lease", "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+        err = client_error(lambda: client.connect(autostart=False, environ=runtime.env).lease())
+    assert res.returncode == 1, res
+    assert res.stderr.startswith("tractor-session: ") and "Traceback" not in res.stderr, res.stderr
+    assert not marker.exists(), "the command ran without a session"
+    assert err.code == BAD_REPLIES[name][1], err

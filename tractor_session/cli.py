@@ -54,17 +54,20 @@ def _fail(message: str, code: int = 1) -> int:
 # -- lease ------------------------------------------------------------------
 
 
-def _session_env(granted: dict[str, Any]) -> dict[str, str]:
-    """What a ``granted`` reply puts in the command's environment."""
-    return {**granted["env"], "TRACTOR_SESSION_ID": granted["lease"]["lease_id"]}
-
-
-def _export_lines(granted: dict[str, Any]) -> str:
-    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(_session_env(granted).items()))
-
-
-def _lease_json(granted: dict[str, Any]) -> str:
-    return _json({**granted["lease"], "env": _session_env(granted)})
+def _grant(conn: Connection, args: argparse.Namespace, holder_pid: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Take a lease over ``conn``: the lease as the daemon describes it, and
+    the environment it gives the session (checked: these are plain data)."""
+    granted = conn.call(lease_request(
+        args.tpt_proto, holder_pid=holder_pid, ttl=args.ttl,
+        reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent,
+    ))
+    lease, env = granted.get("lease"), granted.get("env")
+    if not (
+        isinstance(lease, dict) and isinstance(lease.get("lease_id"), str) and isinstance(env, dict)
+        and all(isinstance(name, str) and isinstance(value, str) for name, value in env.items())
+    ):
+        raise ClientError("protocol", f"malformed reply to a lease from the daemon: {granted!r:.200}")
+    return lease, {**env, "TRACTOR_SESSION_ID": lease["lease_id"]}
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
@@ -85,11 +88,11 @@ def cmd_lease(args: argparse.Namespace) -> int:
 def _lease_export(args: argparse.Namespace) -> int:
     holder = args.holder_pid if args.holder_pid is not None else os.getppid()
     with connect() as conn:
-        granted = conn.call(lease_request(
-            args.tpt_proto, holder_pid=holder, ttl=args.ttl,
-            reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent,
-        ))
-    print(_lease_json(granted) if args.json else _export_lines(granted))
+        lease, env = _grant(conn, args, holder)
+    if args.json:
+        print(_json({**lease, "env": env}))
+    else:
+        print("\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())))
     return 0
 
 
@@ -107,9 +110,9 @@ def _kernel_already_delivered(sig: int) -> bool:
 
 def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
     conn = connect()
-    granted = conn.call(lease_request(args.tpt_proto, reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent))
-    lease_id: str = granted["lease"]["lease_id"]
-    env = {**os.environ, **_session_env(granted)}
+    lease, session_env = _grant(conn, args)
+    lease_id: str = lease["lease_id"]
+    env = {**os.environ, **session_env}
     child: list[int] = []  # the command's pid, once spawned
     early: list[int] = []  # signals that came before it was
 
@@ -152,15 +155,21 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
         released = _release(conn, lease_id)
     finally:
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
-    if released is not None and (reaped := released["reaped"]):
-        kinds = sorted({r["signal"] for r in reaped})
-        print(
-            f"{PROG}: reaped {len(reaped)} leftover process(es) of session"
-            f" {short_name(lease_id)} ({'/'.join(kinds)}): "
-            + ", ".join(f"{r['pid']} {r['cmdline'][:40]}" for r in reaped[:5]),
-            file=sys.stderr,
-        )
+    if released is not None and (summary := _reap_summary(lease_id, released.get("reaped"))):
+        print(summary, file=sys.stderr)
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _reap_summary(lease_id: str, reaped: object) -> str | None:
+    """One line on the leftover processes a release ended, if any."""
+    if not (reaped and isinstance(reaped, list) and all(isinstance(r, dict) for r in reaped)):
+        return None
+    kinds = sorted({str(r.get("signal")) for r in reaped})
+    return (
+        f"{PROG}: reaped {len(reaped)} leftover process(es) of session"
+        f" {short_name(lease_id)} ({'/'.join(kinds)}): "
+        + ", ".join(f"{r.get('pid')} {str(r.get('cmdline'))[:40]}" for r in reaped[:5])
+    )
 
 
 def _release(conn: Connection, lease_id: str) -> dict[str, Any] | None:
