@@ -168,7 +168,8 @@ def measure_roundtrip(b: Bench, n: int) -> dict[str, float]:
     The figure compared is the round trip on the client's connection, which
     is how the library is used (the CLI and the pytest plugin open one
     connection and hold it for the lease).  Opening a new connection for
-    every lease is reported beside it.
+    every lease is reported beside it.  The three alternate in batches, so
+    that the machine's drift over the run hits all of them alike.
     """
     def on_connection(conn: Connection) -> float:
         t = time.perf_counter()
@@ -181,34 +182,37 @@ def measure_roundtrip(b: Bench, n: int) -> dict[str, float]:
             conn.release(conn.lease().lease.lease_id)
         return time.perf_counter() - t
 
-    with b.connect() as conn:
-        for _ in range(n // 10):
-            on_connection(conn)
-        ours = [on_connection(conn) for _ in range(n)]
-    for _ in range(n // 10):
-        with_new_connection()
-    fresh = [with_new_connection() for _ in range(n)]
+    def portserver_request(address: str) -> float:
+        import portpicker
+
+        t = time.perf_counter()
+        port = portpicker.get_port_from_port_server(address, pid=os.getpid())
+        assert port, "portserver gave no port"
+        return time.perf_counter() - t
+
+    batch = 100
+    ours: list[float] = []
+    fresh: list[float] = []
+    theirs: list[float] = []
+    with portserver() as address, b.connect() as conn:
+        for i in range(n // batch + 1):
+            warm_up = i == 0  # the first batch of each is not counted
+            times = [on_connection(conn) for _ in range(batch)]
+            ours += [] if warm_up else times
+            times = [with_new_connection() for _ in range(batch)]
+            fresh += [] if warm_up else times
+            if address is not None:
+                times = [portserver_request(address) for _ in range(batch)]
+                theirs += [] if warm_up else times
     out = {
         "lease_release_median_ms": statistics.median(ours) * 1e3,
         "lease_release_p99_ms": percentile(ours, 0.99) * 1e3,
         "lease_release_new_connection_median_ms": statistics.median(fresh) * 1e3,
         "lease_release_new_connection_p99_ms": percentile(fresh, 0.99) * 1e3,
     }
-    with portserver() as address:
-        if address is None:
-            print("# portpicker is not installed (pip install '.[bench]'): no portserver figures", file=sys.stderr)
-            return out
-        import portpicker
-
-        def request() -> float:
-            t = time.perf_counter()
-            port = portpicker.get_port_from_port_server(address, pid=os.getpid())
-            assert port, "portserver gave no port"
-            return time.perf_counter() - t
-
-        for _ in range(n // 10):
-            request()
-        theirs = [request() for _ in range(min(n, 20000))]
+    if not theirs:
+        print("# portpicker is not installed (pip install '.[bench]'): no portserver figures", file=sys.stderr)
+        return out
     out["portserver_request_median_ms"] = statistics.median(theirs) * 1e3
     out["portserver_request_p99_ms"] = percentile(theirs, 0.99) * 1e3
     out["ratio_to_portserver"] = out["lease_release_median_ms"] / out["portserver_request_median_ms"]
