@@ -54,20 +54,36 @@ def _fail(message: str, code: int = 1) -> int:
 # -- lease ------------------------------------------------------------------
 
 
-def _grant(conn: Connection, args: argparse.Namespace, holder_pid: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def _grant(
+    conn: Connection, args: argparse.Namespace, holder_pid: int | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Take a lease over ``conn``: the lease as the daemon describes it, and
-    the environment it gives the session (checked: these are plain data)."""
+    the environment it gives the session.  Both are plain data, so they are
+    checked here: the environment must be one a process can be given."""
     granted = conn.call(lease_request(
         args.tpt_proto, holder_pid=holder_pid, ttl=args.ttl,
         reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent,
-    ))
+    ), "granted")
     lease, env = granted.get("lease"), granted.get("env")
     if not (
-        isinstance(lease, dict) and isinstance(lease.get("lease_id"), str) and isinstance(env, dict)
-        and all(isinstance(name, str) and isinstance(value, str) for name, value in env.items())
+        isinstance(lease, dict) and isinstance(lease.get("lease_id"), str)
+        and isinstance(env, dict) and all(map(_is_env_entry, env.items()))
     ):
         raise ClientError("protocol", f"malformed reply to a lease from the daemon: {granted!r:.200}")
     return lease, {**env, "TRACTOR_SESSION_ID": lease["lease_id"]}
+
+
+def _is_env_entry(item: tuple[object, object]) -> bool:
+    name, value = item
+    if not (isinstance(name, str) and isinstance(value, str) and name):
+        return False
+    if "=" in name or "\0" in name or "\0" in value:
+        return False
+    try:
+        (name + value).encode()  # a lone surrogate cannot reach a process
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
@@ -141,7 +157,7 @@ def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
         for signum in early:
             os.kill(pid, signum)
         try:
-            conn.call({"type": "bind", "lease_id": lease_id, "pid": pid})
+            conn.call({"type": "bind", "lease_id": lease_id, "pid": pid}, "bound")
         except ClientError:
             pass  # the lease stays bound to this process's connection
         _, status = os.waitpid(pid, 0)
@@ -176,7 +192,7 @@ def _release(conn: Connection, lease_id: str) -> dict[str, Any] | None:
     """Release, reconnecting once if the daemon was restarted meanwhile."""
     release = {"type": "release", "lease_id": lease_id}
     try:
-        return conn.call(release)
+        return conn.call(release, "released")
     except ClientError as err:
         if err.code != "unreachable":
             return None
@@ -184,7 +200,7 @@ def _release(conn: Connection, lease_id: str) -> dict[str, Any] | None:
         conn.close()
     try:
         with connect() as fresh:
-            return fresh.call(release)
+            return fresh.call(release, "released")
     except ClientError:
         # Already ended by the new daemon, which watched the command's pid.
         return None
@@ -239,8 +255,6 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    if args.grace is not None and args.grace < 0:
-        raise UsageError("--grace must not be negative")
     try:
         with connect(autostart=False) as conn:
             items = conn.gc(args.dry_run, args.grace).items
@@ -248,10 +262,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
     except ClientError as err:
         if err.code != "no-daemon":
             raise
+        from pathlib import Path
+
         from tractor_session import garbage
 
         try:
-            items = garbage.collect_without_daemon(paths.runtime_root(), args.dry_run, args.grace)
+            items = garbage.collect_without_daemon(Path(paths.runtime_root()), args.dry_run, args.grace)
         except garbage.BusyError as busy:
             return _fail(str(busy))
         where = "directly (no daemon runs)"
@@ -282,8 +298,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = Path(args.socket or os.path.join(paths.control_dir(root), "control.sock"))
     if not root.is_absolute():
         raise UsageError(f"the runtime root must be an absolute path, not {root}")
-    if args.gc_grace is not None and args.gc_grace < 0:
-        raise UsageError("--gc-grace must not be negative")
     try:
         pool = ports.parse_pool(args.port_pool) if args.port_pool else ports.DEFAULT_POOL
         ports.PortPool(pool)
@@ -301,11 +315,12 @@ _SERVE_TUNING = (
 )
 
 
-def _positive(convert: type[int] | type[float]) -> Callable[[str], int | float]:
+def _positive(convert: type[int] | type[float], zero: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite number above zero (or zero too)."""
     def parse(text: str) -> int | float:
         value = convert(text)
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero else 'positive'} number, not {text}")
         return value
     parse.__name__ = convert.__name__
     return parse
@@ -410,7 +425,7 @@ def _add_gc(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) 
     )
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--json", action="store_true", help="print the items as a JSON list")
-    p.add_argument("--grace", type=float, metavar="SECONDS",
+    p.add_argument("--grace", type=_positive(float, zero=True), metavar="SECONDS",
                    help="age below which a directory without a record is spared"
                    " (default: the daemon's --gc-grace, 300 without a daemon)")
     p.set_defaults(func=cmd_gc)
@@ -433,7 +448,7 @@ def _add_serve(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
     p.add_argument("--max-leases", type=count, metavar="N", help="most live leases (default: 20000)")
     p.add_argument("--gc-interval", type=seconds, metavar="SECONDS",
                    help="time between garbage sweeps (default: 60)")
-    p.add_argument("--gc-grace", type=float, metavar="SECONDS",
+    p.add_argument("--gc-grace", type=_positive(float, zero=True), metavar="SECONDS",
                    help="age below which a directory without a record is spared (default: 300)")
     p.add_argument("--request-timeout", type=seconds, metavar="SECONDS",
                    help="how long a client may take to send one whole request (default: 5)")

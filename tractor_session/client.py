@@ -1,8 +1,8 @@
 """The synchronous client: how everything else talks to the daemon.
 
 It must stay cheap to import and run because it sits on the hot path of
-every test run: no trio, no psutil, no msgspec, just a unix socket and the
-standard library's json.  Replies come back as plain data from
+every test run: no trio, no psutil, no msgspec (until a typed reply or a
+daemon start needs it), just a unix socket and the standard library's json.  Replies come back as plain data from
 :meth:`Connection.call`, or as the protocol's typed structs from the named
 methods (which import msgspec on first use).  If no daemon answers, the
 client starts one, under a lock so that fifty clients starting at once end
@@ -46,7 +46,9 @@ REPLY_TIMEOUT = 60.0
 
 class ClientError(RuntimeError):
     """The daemon refused a request or could not be reached.  ``code`` is
-    the daemon's stable error code (``"unreachable"`` when there is none)."""
+    the daemon's stable error code, or one of the client's own:
+    ``"unreachable"``, ``"no-daemon"``, ``"protocol"`` (the reply made no
+    sense) and ``"bad-request"`` (refused before it was sent)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -141,11 +143,12 @@ class Connection:
         except wire.ProtocolError as err:
             raise ClientError("protocol", str(err)) from None
 
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    def call(self, request: dict[str, Any], expected: str | None = None) -> dict[str, Any]:
         """Send ``request`` (a message as plain data) and return the reply
-        as plain data.  An error reply raises :class:`ClientError`."""
+        as plain data.  An error reply, or one that is not of the
+        ``expected`` type, raises :class:`ClientError`."""
         try:
-            return _checked(wire.decode(self._exchange(request)))
+            return _checked(wire.decode(self._exchange(request)), expected)
         except wire.ProtocolError as err:
             raise ClientError("protocol", str(err)) from None
 
@@ -234,7 +237,7 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
     """Connect to this user's daemon, starting one if none answers."""
     env = dict(os.environ if environ is None else environ)
     sock_path = paths.control_socket(env)
-    if os.path.lexists(control := os.path.dirname(sock_path)):
+    if os.path.lexists(control := os.path.dirname(sock_path) or "."):
         # Someone who can swap this directory could impersonate the daemon.
         paths.check_private_dir(control)
     if (conn := _try_connect(sock_path)) is not None:
@@ -254,7 +257,7 @@ def _start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
     # Checked here too so that an unsafe directory is named to the user
     # rather than only in the log of a daemon that refused to start.
     paths.ensure_private_dir(root)
-    paths.ensure_private_dir(control := os.path.dirname(sock_path))
+    paths.ensure_private_dir(control := os.path.dirname(sock_path) or ".")
     spawn_lock = os.path.join(control, "spawn.lock")
     try:
         lock_fd = os.open(spawn_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

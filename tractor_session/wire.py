@@ -30,6 +30,10 @@ class ProtocolError(RuntimeError):
     """The peer sent something that is not a valid message."""
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def frame(body: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
 
@@ -42,15 +46,19 @@ def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
 
 
 def encode(message: dict[str, object]) -> bytes:
-    """A framed message; ValueError for what JSON cannot carry."""
+    """A framed message.  Raises ValueError for what JSON cannot carry, and
+    TypeError for what is not plain data."""
     return frame(_encoder.encode(message).encode())
 
 
 def decode(body: bytes) -> dict[str, object]:
-    """A message as plain data; its fields are checked by whoever reads them."""
+    """A message as plain data; its fields are checked by whoever reads them.
+    As strict as the daemon's decoder: UTF-8 only, no NaN or Infinity."""
     try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        message = json.loads(body.decode(), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as err:
+        # ValueError: not UTF-8, not JSON, a constant, or an integer too long
+        # to convert.
         raise ProtocolError(f"malformed message: {err}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("malformed message: not an object with a string 'type'")
