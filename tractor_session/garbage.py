@@ -184,10 +184,9 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
     return removed
 
 
-def collect_without_daemon(root: str | os.PathLike[str], dry_run: bool, grace: float | None = None) -> list[GcItem]:
+def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None) -> list[GcItem]:
     """``tractor-session gc`` when no daemon runs: trust the on-disk records
     and holder liveness.  Raises ``BusyError`` if a daemon holds the root."""
-    root = Path(root)
     if not os.path.lexists(root):
         return []
     paths.check_private_dir(root)

@@ -78,7 +78,7 @@ def short_name(lease_id: str) -> str:
 
 def control_dir(root: str | os.PathLike[str]) -> str:
     """The daemon's own directory: a sibling of the runtime root."""
-    return os.path.normpath(os.fspath(root)) + "-session"
+    return os.fspath(root).rstrip("/") + "-session"
 
 
 def control_socket(environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
@@ -96,7 +96,8 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> None:
     fall back to a different directory in some processes: a split brain).
     """
     try:
-        os.makedirs(os.path.dirname(os.path.normpath(path)), 0o700, exist_ok=True)
+        if parent := os.path.dirname(os.fspath(path).rstrip("/")):
+            os.makedirs(parent, 0o700, exist_ok=True)
         os.mkdir(path, 0o700)
         # mkdir honours the umask; make sure the mode is what we promise.
         os.chmod(path, 0o700)

@@ -9,8 +9,8 @@ send its first request right behind its Hello without waiting for
 
 The daemon decodes every request strictly against these structs.  The
 client sends its requests as plain data and decodes a reply into these
-structs only for callers that ask for typed replies, so that the command
-line never imports msgspec.
+structs only for callers that ask for typed replies, so that ``lease``,
+on the command line, never imports msgspec.
 """
 
 from __future__ import annotations
@@ -194,6 +194,7 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T:
     except msgspec.DecodeError as err:
         raise ProtocolError(f"malformed {what}: {err}") from None
     except RecursionError:
+        # msgspec recurses while skipping a deeply nested unknown field.
         raise ProtocolError(f"malformed {what}: nested too deeply") from None
 
 
@@ -203,4 +204,3 @@ def decode_request(body: bytes) -> Hello | Request:
 
 def decode_reply(body: bytes) -> Reply:
     return _decode(_reply_decoder, body, "reply from the daemon")
-
