@@ -2,11 +2,11 @@
 
 It must stay cheap to import and run because it sits on the hot path of
 every test run: no trio, no psutil, no msgspec (until a typed reply or a
-daemon start needs it), just a unix socket and the standard library's json.  Replies come back as plain data from
-:meth:`Connection.call`, or as the protocol's typed structs from the named
-methods (which import msgspec on first use).  If no daemon answers, the
-client starts one, under a lock so that fifty clients starting at once end
-up with one daemon.
+daemon start needs it), just a unix socket and the standard library's json.
+Replies come back as plain data from :meth:`Connection.call`, or as the
+protocol's typed structs from the named methods (which import msgspec on
+first use).  If no daemon answers, the client starts one, under a lock so
+that fifty clients starting at once end up with one daemon.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tractor_session import paths, wire
 # Not ``typing.TYPE_CHECKING``: importing typing costs milliseconds here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, TypeVar
 
     from tractor_session.protocol import (
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     )
 
     R = TypeVar("R", bound=Message)
+    T = TypeVar("T")
 
 DAEMON_START_TIMEOUT = 10.0
 LOG_ROTATE_BYTES = 1 << 20
@@ -126,8 +128,8 @@ class Connection:
     def _receive_body(self) -> bytes:
         return self._recv_exact(wire.body_length(self._recv_exact(wire.HEADER.size), limit=MAX_REPLY_BYTES))
 
-    def _exchange(self, request: dict[str, Any]) -> bytes:
-        """Send ``request`` and return the body of the daemon's reply."""
+    def _exchange(self, request: dict[str, Any], decode: Callable[[bytes], T]) -> T:
+        """Send ``request`` and return the daemon's reply, read by ``decode``."""
         try:
             data = wire.encode(request)
         except (TypeError, ValueError) as err:
@@ -137,7 +139,7 @@ class Connection:
                 self._handshake(data)
             else:
                 self.sock.sendall(data)
-            return self._receive_body()
+            return decode(self._receive_body())
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
         except wire.ProtocolError as err:
@@ -147,19 +149,13 @@ class Connection:
         """Send ``request`` (a message as plain data) and return the reply
         as plain data.  An error reply, or one that is not of the
         ``expected`` type, raises :class:`ClientError`."""
-        try:
-            return _checked(wire.decode(self._exchange(request)), expected)
-        except wire.ProtocolError as err:
-            raise ClientError("protocol", str(err)) from None
+        return _checked(self._exchange(request, wire.decode), expected)
 
     def _ask(self, request: dict[str, Any], expected: type[R]) -> R:
         """Like :meth:`call`, with the reply decoded straight into its struct."""
         from tractor_session import protocol
 
-        try:
-            reply = protocol.decode_reply(self._exchange(request))
-        except wire.ProtocolError as err:
-            raise ClientError("protocol", str(err)) from None
+        reply = self._exchange(request, protocol.decode_reply)
         if isinstance(reply, protocol.Error):
             raise ClientError(reply.code, reply.message)
         if not isinstance(reply, expected):
