@@ -35,7 +35,7 @@ import psutil
 
 from tractor_session import paths
 from tractor_session.client import Connection, connect
-from tractor_session.leases import RECORD_NAME
+from tractor_session.records import RECORD_NAME
 
 PORT_POOL = "20000-32000"
 

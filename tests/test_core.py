@@ -30,7 +30,8 @@ import psutil
 import pytest
 from conftest import DEADLINE, Runtime, kill_tree, pid_alive, wait_for
 
-from tractor_session import paths, ports, protocol
+from tractor_session import paths, protocol
+from tractor_session.daemon import ports
 from tractor_session.client import ClientError, connect
 from tractor_session.envelope import load_rtvars
 from tractor_session.protocol import (

@@ -37,7 +37,7 @@ from conftest import DEADLINE, Runtime, pid_alive, wait_for
 
 from tractor_session import client
 from tractor_session.envelope import RuntimeVars, dump_rtvars, load_rtvars
-from tractor_session.leases import RECORD_NAME, LeaseRecord, write_record
+from tractor_session.records import RECORD_NAME, LeaseRecord, write_record
 
 MODES = ("direct", "daemon", "sweep")
 STALE = 10**6  # seconds: older than any grace used in these tests

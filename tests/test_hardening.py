@@ -38,7 +38,8 @@ from conftest import DEADLINE, Runtime, kill_tree, pid_alive, wait_for
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tractor_session import client, envelope, ports, protocol
+from tractor_session import client, envelope, protocol
+from tractor_session.daemon import ports
 from tractor_session.client import ClientError
 from tractor_session.protocol import (
     Bind,

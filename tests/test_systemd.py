@@ -38,7 +38,8 @@ import pytest
 from conftest import DEADLINE, Runtime, wait_for
 
 import tractor_session
-from tractor_session import client, paths, protocol, systemd, wire
+from tractor_session import client, paths, protocol, wire
+from tractor_session import systemd_units as systemd
 
 SYSTEMD_VARS = (
     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
@@ -696,7 +697,7 @@ def test_warnings_get_priority_4_under_the_journal(tmp_path: Path, journal: bool
         st = os.stat(log)
         env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
     code = (
-        "import logging; from tractor_session import systemd; systemd.configure_logging();"
+        "import logging; from tractor_session.daemon import systemd; systemd.configure_logging();"
         "log = logging.getLogger('tractor_session.daemon');"
         "log.info('an info'); log.warning('a warning'); log.error('an error')"
     )

@@ -1,9 +1,10 @@
-"""The ``tractor-session`` command.
+"""The ``tractor-session`` command: argument parsing and the short commands.
 
 Imports only the client side (no trio, no psutil) unless it is asked to
-``serve``.  ``lease`` runs on the hot path of every test run, so it talks to
-the daemon in plain data (:meth:`Connection.call`) and nothing on its path
-imports msgspec; the other commands use the client's typed replies.
+``serve``.  ``lease -- CMD`` runs on the hot path of every test run and
+lives in :mod:`tractor_session.run`; it talks to the daemon in plain data
+and nothing on its path imports msgspec.  The other commands use the
+client's typed replies.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 from tractor_session import paths
-from tractor_session.client import ClientError, Connection, connect, lease_request
+from tractor_session.client import ClientError, connect, grant
 from tractor_session.paths import short_name
 
 TYPE_CHECKING = False  # see client.py
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from tractor_session.protocol import LeaseInfo
 
 PROG = "tractor-session"
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class UsageError(Exception):
@@ -54,38 +53,6 @@ def _fail(message: str, code: int = 1) -> int:
 # -- lease ------------------------------------------------------------------
 
 
-def _grant(
-    conn: Connection, args: argparse.Namespace, holder_pid: int | None = None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Take a lease over ``conn``: the lease as the daemon describes it, and
-    the environment it gives the session.  Both are plain data, so they are
-    checked here: the environment must be one a process can be given."""
-    granted = conn.call(lease_request(
-        args.tpt_proto, holder_pid=holder_pid, ttl=args.ttl,
-        reap=not args.no_reap, set_xdg=not args.no_xdg, parent=args.parent,
-    ), "granted")
-    lease, env = granted.get("lease"), granted.get("env")
-    if not (
-        isinstance(lease, dict) and isinstance(lease.get("lease_id"), str)
-        and isinstance(env, dict) and all(map(_is_env_entry, env.items()))
-    ):
-        raise ClientError("protocol", f"malformed reply to a lease from the daemon: {granted!r:.200}")
-    return lease, {**env, "TRACTOR_SESSION_ID": lease["lease_id"]}
-
-
-def _is_env_entry(item: tuple[object, object]) -> bool:
-    name, value = item
-    if not (isinstance(name, str) and isinstance(value, str) and name):
-        return False
-    if "=" in name or "\0" in name or "\0" in value:
-        return False
-    try:
-        (name + value).encode()  # a lone surrogate cannot reach a process
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def cmd_lease(args: argparse.Namespace) -> int:
     command: list[str] = args.command
     if command and command[0] == "--":
@@ -98,112 +65,27 @@ def cmd_lease(args: argparse.Namespace) -> int:
         raise UsageError("give the command to run after --, e.g. `tractor-session lease -- pytest`")
     if args.holder_pid is not None or args.ttl is not None:
         raise UsageError("--holder-pid and --ttl go with --export (a command's lease lasts as long as it runs)")
-    return _lease_run(args, command)
+    from tractor_session.run import run
+
+    return run(_lease_request(args), command)
+
+
+def _lease_request(args: argparse.Namespace, holder_pid: int | None = None) -> dict[str, Any]:
+    return {
+        "transport": args.tpt_proto, "holder_pid": holder_pid, "ttl": args.ttl,
+        "reap": not args.no_reap, "set_xdg": not args.no_xdg, "parent": args.parent,
+    }
 
 
 def _lease_export(args: argparse.Namespace) -> int:
     holder = args.holder_pid if args.holder_pid is not None else os.getppid()
     with connect() as conn:
-        lease, env = _grant(conn, args, holder)
+        lease, env = grant(conn, _lease_request(args, holder))
     if args.json:
         print(_json({**lease, "env": env}))
     else:
         print("\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())))
     return 0
-
-
-def _kernel_already_delivered(sig: int) -> bool:
-    """Whether a SIGINT most likely came from the terminal, which sends it
-    to the whole foreground process group, CMD included: forwarding it too
-    would hit CMD twice (and a second ^C aborts pytest's teardown)."""
-    if sig != signal.SIGINT or sys.stdin is None:
-        return False
-    try:
-        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
-    except (OSError, ValueError):
-        return False
-
-
-def _lease_run(args: argparse.Namespace, command: list[str]) -> int:
-    conn = connect()
-    lease, session_env = _grant(conn, args)
-    lease_id: str = lease["lease_id"]
-    env = {**os.environ, **session_env}
-    child: list[int] = []  # the command's pid, once spawned
-    early: list[int] = []  # signals that came before it was
-
-    def forward(signum: int, _frame: object) -> None:
-        # The command is our child and not yet waited for, so its pid
-        # cannot have been reused.
-        if _kernel_already_delivered(signum):
-            return
-        if child:
-            os.kill(child[0], signum)
-        else:
-            early.append(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        try:
-            # posix_spawn rather than subprocess: this is the hot path of
-            # every test run, and subprocess alone costs milliseconds to
-            # import.  Python ignores SIGPIPE; the command gets the default.
-            pid = os.posix_spawnp(command[0], command, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-        except OSError as err:
-            _release(conn, lease_id)
-            code = 127 if isinstance(err, FileNotFoundError) else 126
-            return _fail(f"cannot run {command[0]!r}: {err.strerror}", code)
-        child.append(pid)
-        for signum in early:
-            os.kill(pid, signum)
-        try:
-            conn.call({"type": "bind", "lease_id": lease_id, "pid": pid}, "bound")
-        except ClientError:
-            pass  # the lease stays bound to this process's connection
-        _, status = os.waitpid(pid, 0)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    returncode = os.waitstatus_to_exitcode(status)
-    # A ^C now would only hide the command's exit status behind ours.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        released = _release(conn, lease_id)
-    finally:
-        signal.signal(signal.SIGINT, previous[signal.SIGINT])
-    if released is not None and (summary := _reap_summary(lease_id, released.get("reaped"))):
-        print(summary, file=sys.stderr)
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def _reap_summary(lease_id: str, reaped: object) -> str | None:
-    """One line on the leftover processes a release ended, if any."""
-    if not (reaped and isinstance(reaped, list) and all(isinstance(r, dict) for r in reaped)):
-        return None
-    kinds = sorted({str(r.get("signal")) for r in reaped})
-    return (
-        f"{PROG}: reaped {len(reaped)} leftover process(es) of session"
-        f" {short_name(lease_id)} ({'/'.join(kinds)}): "
-        + ", ".join(f"{r.get('pid')} {str(r.get('cmdline'))[:40]}" for r in reaped[:5])
-    )
-
-
-def _release(conn: Connection, lease_id: str) -> dict[str, Any] | None:
-    """Release, reconnecting once if the daemon was restarted meanwhile."""
-    release = {"type": "release", "lease_id": lease_id}
-    try:
-        return conn.call(release, "released")
-    except ClientError as err:
-        if err.code != "unreachable":
-            return None
-    finally:
-        conn.close()
-    try:
-        with connect() as fresh:
-            return fresh.call(release, "released")
-    except ClientError:
-        # Already ended by the new daemon, which watched the command's pid.
-        return None
 
 
 # -- other commands -----------------------------------------------------------
@@ -264,11 +146,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
             raise
         from pathlib import Path
 
-        from tractor_session import garbage
+        from tractor_session import gc
 
         try:
-            items = garbage.collect_without_daemon(Path(paths.runtime_root()), args.dry_run, args.grace)
-        except garbage.BusyError as busy:
+            items = gc.collect_without_daemon(Path(paths.runtime_root()), args.dry_run, args.grace)
+        except gc.BusyError as busy:
             return _fail(str(busy))
         where = "directly (no daemon runs)"
     if args.json:
@@ -282,7 +164,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_systemd(args: argparse.Namespace) -> int:
-    from tractor_session import systemd
+    from tractor_session import systemd_units as systemd
 
     said = systemd.install(args.now) if args.action == "install" else systemd.uninstall()
     print("\n".join(said))
@@ -292,7 +174,8 @@ def cmd_systemd(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tractor_session import daemon, ports
+    from tractor_session import daemon
+    from tractor_session.daemon import ports
 
     root = Path(args.root or paths.runtime_root())
     sock = Path(args.socket or os.path.join(paths.control_dir(root), "control.sock"))

@@ -18,13 +18,13 @@ import socket
 import sys
 import time
 
-from tractor_session import paths, wire
+from tractor_session import envelope, paths, wire
 
 # Not ``typing.TYPE_CHECKING``: importing typing costs milliseconds here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, TypeVar
+    from typing import Any, TypedDict, TypeVar, Unpack
 
     from tractor_session.protocol import (
         Bound,
@@ -39,6 +39,16 @@ if TYPE_CHECKING:
 
     R = TypeVar("R", bound=Message)
     T = TypeVar("T")
+
+    class LeaseFields(TypedDict, total=False):
+        """``protocol.LeaseRequest``'s other fields; the daemon fills in
+        those not given."""
+
+        holder_pid: int | None
+        ttl: float | None
+        reap: bool
+        set_xdg: bool
+        parent: str | None
 
 DAEMON_START_TIMEOUT = 10.0
 LOG_ROTATE_BYTES = 1 << 20
@@ -55,21 +65,6 @@ class ClientError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def lease_request(
-    transport: Transport = "tcp",
-    holder_pid: int | None = None,
-    ttl: float | None = None,
-    reap: bool = True,
-    set_xdg: bool = True,
-    parent: str | None = None,
-) -> dict[str, Any]:
-    """A lease request as plain data (its fields: ``protocol.LeaseRequest``)."""
-    return {
-        "type": "lease", "transport": transport, "holder_pid": holder_pid, "ttl": ttl,
-        "reap": reap, "set_xdg": set_xdg, "parent": parent,
-    }
 
 
 class Connection:
@@ -115,18 +110,13 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
-    def _recv_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
+    def _receive_body(self) -> bytes:
+        while (body := wire.take_frame(self._buf, MAX_REPLY_BYTES)) is None:
             data = self.sock.recv(65536)
             if not data:
                 raise ClientError("unreachable", "the daemon closed the connection")
             self._buf += data
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def _receive_body(self) -> bytes:
-        return self._recv_exact(wire.body_length(self._recv_exact(wire.HEADER.size), limit=MAX_REPLY_BYTES))
+        return body
 
     def _exchange(self, request: dict[str, Any], decode: Callable[[bytes], T]) -> T:
         """Send ``request`` and return the daemon's reply, read by ``decode``."""
@@ -162,18 +152,10 @@ class Connection:
             raise ClientError("protocol", f"the daemon answered {request['type']!r} with {type(reply).__name__}")
         return reply
 
-    def lease(
-        self,
-        transport: Transport = "tcp",
-        holder_pid: int | None = None,
-        ttl: float | None = None,
-        reap: bool = True,
-        set_xdg: bool = True,
-        parent: str | None = None,
-    ) -> Granted:
+    def lease(self, transport: Transport = "tcp", **fields: Unpack[LeaseFields]) -> Granted:
         from tractor_session.protocol import Granted
 
-        return self._ask(lease_request(transport, holder_pid, ttl, reap, set_xdg, parent), Granted)
+        return self._ask({"type": "lease", "transport": transport, **fields}, Granted)
 
     def release(self, lease_id: str) -> Released:
         from tractor_session.protocol import Released
@@ -199,6 +181,53 @@ class Connection:
         from tractor_session.protocol import Status
 
         return self._ask({"type": "status"}, Status)
+
+
+def grant(conn: Connection, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Take a lease over ``conn`` in plain data (no msgspec: the hot path of
+    ``lease``): the lease as the daemon describes it, and the environment it
+    gives the session.  Checked here, since nothing typed reads them: the
+    environment must be one a process can be given."""
+    granted = conn.call({"type": "lease", **request}, "granted")
+    lease, env = granted.get("lease"), granted.get("env")
+    if not (
+        isinstance(lease, dict) and isinstance(lease.get("lease_id"), str)
+        and isinstance(env, dict) and all(map(_is_env_entry, env.items()))
+    ):
+        raise ClientError("protocol", f"malformed reply to a lease from the daemon: {granted!r:.200}")
+    return lease, env
+
+
+def _is_env_entry(item: tuple[object, object]) -> bool:
+    name, value = item
+    if not (isinstance(name, str) and isinstance(value, str) and name):
+        return False
+    if "=" in name or "\0" in name or "\0" in value:
+        return False
+    try:
+        (name + value).encode()  # a lone surrogate cannot reach a process
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def release_plain(conn: Connection, lease_id: str) -> dict[str, Any] | None:
+    """Release in plain data, reconnecting once if the daemon was restarted
+    meanwhile; None when the lease had already ended.  Closes ``conn``."""
+    release = {"type": "release", "lease_id": lease_id}
+    try:
+        return conn.call(release, "released")
+    except ClientError as err:
+        if err.code != "unreachable":
+            return None
+    finally:
+        conn.close()
+    try:
+        with connect() as fresh:
+            return fresh.call(release, "released")
+    except ClientError:
+        # Already ended by the new daemon, which watched the command's pid.
+        return None
 
 
 def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, Any]:
@@ -254,7 +283,7 @@ def _start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
     # rather than only in the log of a daemon that refused to start.
     paths.ensure_private_dir(root)
     paths.ensure_private_dir(control := os.path.dirname(sock_path) or ".")
-    spawn_lock = os.path.join(control, "spawn.lock")
+    spawn_lock = os.path.join(control, paths.SPAWN_LOCK_NAME)
     try:
         lock_fd = os.open(spawn_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as err:
@@ -263,7 +292,7 @@ def _start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if (conn := _try_connect(sock_path)) is not None:
             return conn
-        _wait_for_previous_daemon(os.path.join(paths.control_dir(root), "daemon.lock"))
+        _wait_for_previous_daemon(os.path.join(paths.control_dir(root), paths.DAEMON_LOCK_NAME))
         _spawn_daemon(root, sock_path, env)
         if (conn := _try_connect(sock_path)) is None:
             raise ClientError("unreachable", f"the daemon started but does not answer at {sock_path}")
@@ -304,13 +333,10 @@ def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
     # Imported here: starting a daemon is the cold path.
     import subprocess
 
-    from tractor_session.envelope import _TRACTOR_RT_VARS_OSENV
-
-    log_path = os.path.join(os.path.dirname(sock_path), "daemon.log")
+    log_path = os.path.join(os.path.dirname(sock_path), paths.DAEMON_LOG_NAME)
     # A session's variables must not leak into a daemon started from inside
     # it: the daemon is everyone's, not the session's.
-    session_vars = (_TRACTOR_RT_VARS_OSENV, "XDG_RUNTIME_DIR")
-    daemon_env = {k: v for k, v in env.items() if k not in session_vars}
+    daemon_env = {k: v for k, v in env.items() if k not in envelope.SESSION_VARS}
     daemon_env[paths.ROOT_ENV] = root
     read_fd, write_fd = os.pipe()
     try:

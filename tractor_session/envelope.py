@@ -1,511 +1,137 @@
-'''
-The envelope: tractor runtime vars carried in one environment variable.
+"""The envelope: the environment a session hands to everything it runs.
 
-A session hands its holder the variable ``_TRACTOR_RT_VARS`` whose value is
-``str(d)`` of a dict of plain literals (str, int, float, bool, None, list,
-tuple, dict), read back with ``ast.literal_eval``. Every process started
-inside the session inherits it, so a script spawned by a test finds the
-session's registry without any command-line plumbing (the lift plan's
-"Phase 1")::
+Every variable a session sets is named here, and :func:`session_env` is
+the one place that writes them.  The core is ``_TRACTOR_RT_VARS``, tractor's
+runtime vars as ``str(dict)`` (see :mod:`tractor_session.rtvars` for why and
+for the validating reader); around it:
 
-    import os
-    import tractor
-    from tractor_session.envelope import load_rtvars
+- ``XDG_RUNTIME_DIR``: the bindspace, so that an *unmodified* tractor,
+  which computes its socket directory from this variable when it is
+  imported, binds every socket inside the session;
+- ``TRACTOR_SESSION_SOCKET`` and ``TRACTOR_SESSION_ROOT``: where the daemon
+  is, so that a ``tractor-session`` call inside the session reaches the same
+  daemon although ``XDG_RUNTIME_DIR`` now points elsewhere;
+- ``TRACTOR_SESSION_ID``: the session id, for shells and scripts.
 
-    rtvars = load_rtvars(os.environ)
-    async with tractor.open_root_actor(**rtvars.as_kwargs()):
-        ...
+This module is imported on the hot path of every test run (the client and
+the pytest plugin name these variables), so it imports only the standard
+library.  The reader of the lift plan's API (``load_rtvars``,
+``RuntimeVars``, ...) is re-exported from :mod:`tractor_session.rtvars` on
+first use, which is when msgspec gets imported.
+"""
 
-Why ``str(dict)`` + ``literal_eval`` and not JSON: tractor's canonical
-address form is a tuple (``('127.0.0.1', 24011)``,
-``('<dir>', 'registry@1616.sock')``) and JSON turns tuples into lists. The
-text also stays greppable in ``/proc/<pid>/environ``.
-
-The value is untrusted input (any process can set it), so the loader never
-evaluates code: it parses with ``ast.parse``, accepts only literal nodes of
-the types above, bounds size and nesting before ``literal_eval`` runs, and
-checks the type of every known key. Every failure is an `EnvelopeError`.
-
-This is a leaf module: it imports neither trio nor psutil and starts
-nothing.
-'''
 from __future__ import annotations
 
-import ast
-import math
-import os
-import re
-import warnings
-from collections.abc import Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
-
-import msgspec
-
+TYPE_CHECKING = False  # not ``typing.TYPE_CHECKING``: typing costs ms to import
 if TYPE_CHECKING:
-    import psutil
+    from typing import Any
 
-__all__ = [
-    '_TRACTOR_RT_VARS_OSENV',
-    'NO_REAP_KEY',
-    'MAX_ENVELOPE_BYTES',
-    'MAX_DEPTH',
-    'EnvelopeError',
-    'RuntimeVars',
-    'dump_rtvars',
-    'load_rtvars',
-    'get_rtvars',
-    'update_rtvars',
-]
-
-_TRACTOR_RT_VARS_OSENV: str = '_TRACTOR_RT_VARS'
-
-# Ours, set only on sessions leased with --no-reap: their leftover processes
-# belong to the user, and garbage collection must spare them too.  Kept by
-# readers as an unknown key, so tractor never sees it as a field.
-NO_REAP_KEY: str = '_tractor_session_no_reap'
-
-# Bounds on hostile input: the size is checked before parsing, the nesting
-# depth (containers, the top-level dict counts as 1) before `literal_eval`,
-# whose recursion a deep value could otherwise exhaust.
-MAX_ENVELOPE_BYTES: int = 64 * 1024
-MAX_DEPTH: int = 32
-
-_LEAF_TYPES: tuple[type, ...] = (str, int, float, bool, type(None))
-_CONTAINER_TYPES: tuple[type, ...] = (list, tuple, dict)
-_TRANSPORTS: frozenset[str] = frozenset({'tcp', 'uds'})
-_UUID_RE: re.Pattern[str] = re.compile(
-    r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
-)
-# attribute holding unknown keys; reserved, so it is never an envelope key
-_EXTRA: str = 'extra'
-_ERR_REPR_MAX: int = 80
-
-
-class EnvelopeError(ValueError):
-    '''
-    The one exception every envelope failure raises: variable not set,
-    too big, not a literal, too deep, or a known key with a wrong value.
-
-    ``key`` is the offending top-level key, or None when the problem is
-    not tied to one.
-    '''
-
-    def __init__(self, problem: str, key: str | None = None) -> None:
-        # both in `args`, so the error pickles back to itself
-        super().__init__(problem, key)
-        self.problem: str = problem
-        self.key: str | None = key
-
-    def __str__(self) -> str:
-        where: str = f' key {self.key!r}:' if self.key is not None else ''
-        return f'{_TRACTOR_RT_VARS_OSENV}:{where} {self.problem}'
-
-
-def _short(value: Any) -> str:
-    '''`repr` capped in length: error messages must stay readable even
-    when the offending value is 64 KiB.'''
-    text: str = repr(value)
-    if len(text) > _ERR_REPR_MAX:
-        return text[:_ERR_REPR_MAX] + '...'
-    return text
-
-
-# -- value checks, one per known key --------------------------------------
-
-def _check_str(value: Any) -> str | None:
-    '''Why a host, directory or filename string is unusable, or None.'''
-    if type(value) is not str:
-        return f'{_short(value)} is not a str'
-    if not value:
-        return 'empty string'
-    if '\0' in value:
-        return f'NUL in {_short(value)}'
-    return None
-
-
-def _check_port_or_file(value: Any) -> str | None:
-    '''Why the 2nd half of an address (TCP port or UDS filename) is
-    unusable, or None.'''
-    if type(value) is int:  # not bool
-        if 0 <= value <= 65535:
-            return None
-        return f'port {value} out of range 0..65535'
-    if type(value) is str:
-        return _check_str(value)
-    return f'{_short(value)} is neither a port (int) nor a filename (str)'
-
-
-def _bool(key: str, value: Any) -> bool:
-    # 0/1 are refused: a writer that produces them has another bug
-    if type(value) is not bool:
-        raise EnvelopeError(f'expected a bool, got {_short(value)}', key)
-    return value
-
-
-def _addrs(key: str, value: Any) -> list[tuple[str, str | int]]:
-    expected: str = (
-        f'expected a list of 2-tuples (host, port|filename), '
-        f'got {_short(value)}'
+    from tractor_session.protocol import Transport
+    from tractor_session.rtvars import (
+        MAX_DEPTH,
+        MAX_ENVELOPE_BYTES,
+        EnvelopeError,
+        RuntimeVars,
+        dump_rtvars,
+        get_rtvars,
+        load_rtvars,
+        update_rtvars,
     )
-    if type(value) not in (list, tuple):
-        raise EnvelopeError(expected, key)
-    for addr in value:
-        if type(addr) is not tuple or len(addr) != 2:
-            raise EnvelopeError(expected, key)
-        why: str | None = (
-            _check_str(addr[0]) or _check_port_or_file(addr[1])
-        )
-        if why:
-            raise EnvelopeError(f'{expected}: {why}', key)
-    return list(value)
 
+_TRACTOR_RT_VARS_OSENV = "_TRACTOR_RT_VARS"
+"""tractor's runtime vars, ``str(dict)``; the lift plan's name."""
 
-def _tpts(key: str, value: Any) -> list[str]:
-    if type(value) not in (list, tuple) or not all(
-        type(tpt) is str and tpt in _TRANSPORTS for tpt in value
-    ):
-        raise EnvelopeError(
-            f"expected a list of 'tcp'|'uds', got {_short(value)}", key
-        )
-    return list(value)
+XDG_ENV = "XDG_RUNTIME_DIR"
+SOCKET_ENV = "TRACTOR_SESSION_SOCKET"
+ROOT_ENV = "TRACTOR_SESSION_ROOT"
+"""Also read outside sessions: it overrides the runtime root."""
+SESSION_ID_ENV = "TRACTOR_SESSION_ID"
 
+SESSION_VARS = (_TRACTOR_RT_VARS_OSENV, XDG_ENV, SOCKET_ENV, ROOT_ENV, SESSION_ID_ENV)
+"""Every variable a session may set."""
 
-def _mailbox(key: str, value: Any) -> tuple[str | None, str | int | None]:
-    expected: str = (
-        f'expected a 2-tuple (host|None, port|filename|None), '
-        f'got {_short(value)}'
-    )
-    if type(value) is not tuple or len(value) != 2:
-        raise EnvelopeError(expected, key)
-    host, port = value
-    why: str | None = None if host is None else _check_str(host)
-    if why is None and port is not None:
-        why = _check_port_or_file(port)
-    if why:
-        raise EnvelopeError(f'{expected}: {why}', key)
-    return value
+NO_REAP_KEY = "_tractor_session_no_reap"
+"""Ours, in the rt vars of sessions leased with ``--no-reap`` only: their
+leftover processes belong to the user and garbage collection spares them
+too.  Readers keep it as an unknown key, so tractor never sees it."""
 
+UDS_REGISTRY_NAME = "registry@1616.sock"
+"""tractor's default registry socket name; a uds session's registrar
+binds it inside the session's ``tractor/`` directory."""
 
-def _session_uuid(key: str, value: Any) -> str | None:
-    if value is not None and (
-        type(value) is not str or not _UUID_RE.fullmatch(value)
-    ):
-        raise EnvelopeError(
-            f'expected None or a lowercase uuid, got {_short(value)}', key
-        )
-    return value
-
-
-def _bindspace(key: str, value: Any) -> str | None:
-    # `..` is refused too: the bindspace is a directory that gets created
-    # and removed, it must name where it really is
-    if value is not None and (
-        type(value) is not str
-        or not value.startswith('/')
-        or '\0' in value
-        or '..' in value.split('/')
-    ):
-        raise EnvelopeError(
-            f'expected None or an absolute path without NUL or "..", '
-            f'got {_short(value)}',
-            key,
-        )
-    return value
-
-
-_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
-    '_is_root': _bool,
-    '_root_mailbox': _mailbox,
-    '_root_addrs': _addrs,
-    '_enable_tpts': _tpts,
-    '_registry_addrs': _addrs,
-    '_debug_mode': _bool,
-    'repl_fixture': _bool,
-    'use_greenback': _bool,
-    'use_stackscope': _bool,
-    '_is_infected_aio': _bool,
-    '_session_uuid': _session_uuid,
-    '_bindspace': _bindspace,
+TRACTOR_DEFAULTS: dict[str, object] = {
+    "_is_root": False,
+    "_root_mailbox": (None, None),
+    "_root_addrs": [],
+    "_enable_tpts": ["tcp"],
+    "_registry_addrs": [],
+    "_debug_mode": False,
+    "repl_fixture": False,
+    "use_greenback": False,
+    "use_stackscope": False,
+    "_is_infected_aio": False,
 }
+"""tractor's ``RuntimeVars`` defaults, in its field order (a test checks
+that :class:`~tractor_session.rtvars.RuntimeVars` agrees)."""
 
 
-def _check_literal(value: Any, key: str) -> None:
-    '''
-    Check that an unknown key's value is made only of envelope literals, so
-    that ``str()`` of it reads back equal. Exact types: a subclass (an
-    `IntEnum`, a `str` subclass) can have a `repr` that is not a literal.
-    Iterative, so a cyclic or very deep value cannot exhaust the stack.
-    '''
-    stack: list[tuple[Any, int]] = [(value, 2)]  # 1 is the top-level dict
-    while stack:
-        item, depth = stack.pop()
-        kind: type = type(item)
-        if kind is float and not math.isfinite(item):
-            raise EnvelopeError(f'non-finite float {item!r}', key)
-        if kind in _LEAF_TYPES:
-            continue
-        if kind not in _CONTAINER_TYPES:
-            raise EnvelopeError(
-                f'not a literal: {kind.__name__} {_short(item)}', key
-            )
-        if depth > MAX_DEPTH:
-            raise EnvelopeError(f'nested deeper than {MAX_DEPTH}', key)
-        children = (
-            [*item.keys(), *item.values()] if kind is dict else item
-        )
-        stack.extend((child, depth + 1) for child in children)
+def registry_addr(transport: Transport, bindspace: str, port: int | None) -> tuple[str, int | str]:
+    """A session's registry address in tractor's canonical form."""
+    if transport == "uds":
+        return (f"{bindspace}/tractor", UDS_REGISTRY_NAME)
+    if port is None:
+        raise ValueError("a tcp session needs a port")
+    return ("127.0.0.1", port)
 
 
-class RuntimeVars(msgspec.Struct, kw_only=True):
-    '''
-    The envelope's content: tractor's ``tractor.runtime._state.RuntimeVars``
-    fields (same names, types and defaults) plus our session keys.
+def session_env(
+    lease_id: str,
+    bindspace: str,
+    transport: Transport,
+    port: int | None,
+    *,
+    control_socket: str,
+    root: str,
+    reap: bool = True,
+    set_xdg: bool = True,
+) -> dict[str, str]:
+    """The envelope of one session: every variable, in one place.
 
-    Construction validates and normalises (address and transport lists
-    given as tuples become lists), raising `EnvelopeError`.
-
-    Keys this version does not know (a newer writer's) are kept in
-    ``extra`` and written back flat by `to_dict`, so a round trip through
-    an older reader loses nothing. ``extra`` itself is not an envelope key:
-    an input key literally named ``'extra'`` is an unknown key like any
-    other and lands inside the ``extra`` dict.
-    '''
-    _is_root: bool = False
-    _root_mailbox: tuple[str | None, str | int | None] = (None, None)
-    _root_addrs: list[tuple[str, str | int]] = msgspec.field(
-        default_factory=list
+    Built from the daemon's own values, whose types are right by
+    construction, so the validating reader (tens of microseconds a lease)
+    is skipped: a copy of the defaults, updated, is the same ``str(dict)``
+    the reader reads back.
+    """
+    rtvars: dict[str, object] = dict(TRACTOR_DEFAULTS)
+    rtvars.update(
+        _enable_tpts=[transport],
+        _registry_addrs=[registry_addr(transport, bindspace, port)],
+        _session_uuid=lease_id,
+        _bindspace=bindspace,
     )
-    _enable_tpts: list[str] = msgspec.field(default_factory=lambda: ['tcp'])
-    _registry_addrs: list[tuple[str, str | int]] = msgspec.field(
-        default_factory=list
-    )
-    _debug_mode: bool = False
-    repl_fixture: bool = False
-    use_greenback: bool = False
-    use_stackscope: bool = False
-    _is_infected_aio: bool = False
-
-    # ours, for the lift plan's Phase 3
-    _session_uuid: str | None = None
-    _bindspace: str | None = None
-
-    extra: dict[str, Any] = msgspec.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for key, validate in _VALIDATORS.items():
-            setattr(self, key, validate(key, getattr(self, key)))
-        if type(self.extra) is not dict:
-            raise EnvelopeError(
-                f'{_EXTRA} must be a dict, got {_short(self.extra)}'
-            )
-        for key, value in self.extra.items():
-            if type(key) is not str:
-                raise EnvelopeError(f'keys must be str, got {_short(key)}')
-            if key in _VALIDATORS:
-                raise EnvelopeError(
-                    f'known key inside {_EXTRA!r}, set the field', key
-                )
-            _check_literal(value, key)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RuntimeVars:
-        '''Validate a flat envelope dict: known keys become fields,
-        the rest goes to ``extra``.'''
-        if not isinstance(d, Mapping):
-            raise EnvelopeError(
-                f'top level must be a dict, got {type(d).__name__}'
-            )
-        known: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for key, value in d.items():
-            (known if key in _VALIDATORS else extra)[key] = value
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        '''The flat envelope dict: known keys in field order, then the
-        unknown ones. Address tuples stay tuples. Containers are shared
-        with the struct, not copied.'''
-        d: dict[str, Any] = {key: getattr(self, key) for key in _VALIDATORS}
-        d.update(self.extra)
-        return d
-
-    def as_kwargs(self) -> dict[str, Any]:
-        '''
-        Exactly the keyword arguments `tractor.open_root_actor()` (and
-        `open_nursery()`) accept. ``_is_root``, ``_root_mailbox``,
-        ``_root_addrs`` and ``_is_infected_aio`` are left out: tractor
-        computes them. An empty ``registry_addrs`` makes tractor use its
-        default registry.
-        '''
-        return {
-            'registry_addrs': list(self._registry_addrs),
-            'enable_transports': list(self._enable_tpts),
-            'debug_mode': self._debug_mode,
-            'maybe_enable_greenback': self.use_greenback,
-            'enable_stack_on_sig': self.use_stackscope,
-        }
+    if not reap:
+        rtvars[NO_REAP_KEY] = True
+    env = {
+        _TRACTOR_RT_VARS_OSENV: str(rtvars),
+        SOCKET_ENV: control_socket,
+        ROOT_ENV: root,
+        SESSION_ID_ENV: lease_id,
+    }
+    if set_xdg:
+        env[XDG_ENV] = bindspace
+    return env
 
 
-# -- parsing ---------------------------------------------------------------
-
-def _check_tree(tree: ast.Expression) -> None:
-    '''
-    Refuse anything but literal nodes of the envelope types, and nesting
-    deeper than `MAX_DEPTH`, before `literal_eval` runs. `literal_eval`
-    alone would accept sets, bytes, complex numbers and ``1+2j``
-    arithmetic, and could recurse without bound.
-    '''
-    stack: list[tuple[ast.AST, int]] = [(tree.body, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, ast.Constant):
-            if type(node.value) not in _LEAF_TYPES:
-                raise EnvelopeError(
-                    f'not a literal: {type(node.value).__name__} constant'
-                )
-            if type(node.value) is float and not math.isfinite(node.value):
-                raise EnvelopeError('non-finite float')
-        elif isinstance(node, ast.UnaryOp):
-            # negative numbers: `-1` is `USub(1)` in the tree
-            if not (
-                isinstance(node.op, ast.USub | ast.UAdd)
-                and isinstance(node.operand, ast.Constant)
-                and type(node.operand.value) in (int, float)
-            ):
-                raise EnvelopeError('not a literal: unary operator')
-        elif isinstance(node, ast.List | ast.Tuple | ast.Dict):
-            if depth > MAX_DEPTH:
-                raise EnvelopeError(f'nested deeper than {MAX_DEPTH}')
-            if isinstance(node, ast.Dict):
-                if None in node.keys:
-                    raise EnvelopeError('not a literal: ** unpacking')
-                children: list[ast.AST] = [k for k in node.keys if k is not None]
-                children += node.values
-            else:
-                children = list(node.elts)
-            stack.extend((child, depth + 1) for child in children)
-        else:
-            raise EnvelopeError(f'not a literal: {type(node).__name__}')
+_READER = frozenset({
+    "MAX_DEPTH", "MAX_ENVELOPE_BYTES", "EnvelopeError", "RuntimeVars",
+    "dump_rtvars", "get_rtvars", "load_rtvars", "update_rtvars",
+})
 
 
-def _parse(value: str) -> Any:
-    '''Untrusted envelope text to a literal value, or `EnvelopeError`.'''
-    if type(value) is not str:
-        raise EnvelopeError(f'value must be a str, got {type(value).__name__}')
-    # cheap bound first: a char is at least one byte
-    if len(value) > MAX_ENVELOPE_BYTES or len(
-        value.encode('utf-8', 'surrogatepass')
-    ) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError(f'value larger than {MAX_ENVELOPE_BYTES} bytes')
-    if not value.strip():
-        raise EnvelopeError('empty value')
-    try:
-        # Hostile text may make the parser warn (invalid escapes, ...): the
-        # warning would land in the log of whoever reads the envelope.
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            tree: ast.Expression = ast.parse(value, mode='eval')
-    except (RecursionError, MemoryError):
-        # what CPython's parser raises on deep nesting ("too complex")
-        raise EnvelopeError('too deeply nested to parse') from None
-    except (SyntaxError, ValueError) as err:
-        # ValueError: NUL bytes or lone surrogates in the text
-        raise EnvelopeError(f'not a literal: {err}') from None
-    _check_tree(tree)
-    try:
-        return ast.literal_eval(tree.body)
-    except (ValueError, TypeError, RecursionError, MemoryError) as err:
-        # e.g. an unhashable dict key: `{[1]: 2}`
-        raise EnvelopeError(
-            f'not a literal: {type(err).__name__}: {err}'
-        ) from None
+def __getattr__(name: str) -> Any:
+    """The reader's names, imported on first use (PEP 562)."""
+    if name in _READER:
+        from tractor_session import rtvars
 
-
-# -- the lift plan's API -----------------------------------------------------
-
-def dump_rtvars(rtvars: RuntimeVars | Mapping[str, Any]) -> tuple[str, str]:
-    '''
-    Encode as ``(name, value)`` ready for an environment.
-
-    A dict is validated exactly as `load_rtvars` would validate it, and any
-    input is re-validated (a struct's fields may have been assigned since
-    construction), so what is written can always be read back: the value
-    is the canonical form, every known key present (missing ones filled
-    with defaults), and ``load_rtvars({name: value}).to_dict()`` equals
-    the validated dict, tuples included.
-    '''
-    d: Mapping[str, Any] = (
-        rtvars.to_dict() if isinstance(rtvars, RuntimeVars) else rtvars
-    )
-    canonical: dict[str, Any] = RuntimeVars.from_dict(d).to_dict()
-    try:
-        value: str = str(canonical)
-    except ValueError as err:
-        # an int beyond `sys.get_int_max_str_digits()`
-        raise EnvelopeError(f'cannot encode: {err}') from None
-    if len(value.encode('utf-8', 'surrogatepass')) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError(f'value larger than {MAX_ENVELOPE_BYTES} bytes')
-    return _TRACTOR_RT_VARS_OSENV, value
-
-
-def load_rtvars(env: Mapping[str, str]) -> RuntimeVars:
-    '''
-    Decode and validate the envelope in ``env`` (an environment mapping,
-    usually `os.environ`).
-
-    Raises `EnvelopeError` for every failure, including when the variable
-    is not set at all: check ``_TRACTOR_RT_VARS_OSENV in env`` first when
-    running outside a session is normal.
-    '''
-    try:
-        value: str = env[_TRACTOR_RT_VARS_OSENV]
-    except KeyError:
-        raise EnvelopeError('not set') from None
-    return RuntimeVars.from_dict(_parse(value))
-
-
-def get_rtvars(proc: psutil.Process | None = None) -> RuntimeVars:
-    '''
-    The envelope of this process (`os.environ`), or of ``proc``.
-
-    For another process this is the environment it was exec'd with:
-    changes it made to its own `os.environ` later are invisible.
-    `psutil.NoSuchProcess` (incl. `ZombieProcess`) and
-    `psutil.AccessDenied` propagate unchanged: they say something about the
-    process, not about its envelope.
-    '''
-    env: Mapping[str, str] = os.environ if proc is None else proc.environ()
-    return load_rtvars(env)
-
-
-def update_rtvars(
-    rtvars: RuntimeVars | Mapping[str, Any] | None = None,
-    update_osenv: bool | MutableMapping[str, str] = True,
-) -> tuple[str, str]:
-    '''
-    Change the envelope and return the new ``(name, value)``.
-
-    ``update_osenv`` picks the environment: `os.environ` when True or
-    False (False: read it, write nowhere), or the given mapping, which is
-    then both read from and written to.
-
-    ``rtvars`` is either a struct, which replaces the envelope, or a dict
-    of key updates applied on top of the current envelope (defaults when
-    the variable is not set). An invalid update or an invalid current
-    envelope raises `EnvelopeError` and leaves the environment untouched.
-    '''
-    env: MutableMapping[str, str] = (
-        os.environ if isinstance(update_osenv, bool) else update_osenv
-    )
-    if isinstance(rtvars, RuntimeVars):
-        new: RuntimeVars = rtvars
-    else:
-        current: RuntimeVars = (
-            load_rtvars(env) if _TRACTOR_RT_VARS_OSENV in env
-            else RuntimeVars()
-        )
-        new = RuntimeVars.from_dict({**current.to_dict(), **(rtvars or {})})
-    name, value = dump_rtvars(new)
-    if update_osenv is not False:
-        env[name] = value
-    return name, value
+        return getattr(rtvars, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,13 +23,17 @@ import os
 import stat
 import sys
 
-ROOT_ENV = "TRACTOR_SESSION_ROOT"
-"""Overrides the runtime root (tests, unusual hosts)."""
+from tractor_session.envelope import ROOT_ENV, SOCKET_ENV
 
-SOCKET_ENV = "TRACTOR_SESSION_SOCKET"
-"""The daemon's control socket; set inside every lease so nested
-``tractor-session`` calls reach the same daemon even though
-``XDG_RUNTIME_DIR`` then points at the bindspace."""
+CONTROL_SOCKET_NAME = "control.sock"
+DAEMON_LOCK_NAME = "daemon.lock"
+SPAWN_LOCK_NAME = "spawn.lock"
+DAEMON_LOG_NAME = "daemon.log"
+
+DEEPEST_SOCKET_NAME = f"actor.{'0' * 32}@{'9' * 7}.sock"
+"""The longest socket name tractor may create in a bindspace: a compacted
+actor name and a 7-digit pid."""
+
 
 # sun_path is 108 bytes on Linux and 104 on macOS, NUL terminator included.
 AF_UNIX_PATH_MAX = 104 if sys.platform == "darwin" else 108
@@ -85,7 +89,7 @@ def control_socket(environ: os._Environ[str] | dict[str, str] = os.environ) -> s
     """The socket clients connect to: the envelope's, else the default."""
     if path := environ.get(SOCKET_ENV):
         return path
-    return os.path.join(control_dir(runtime_root(environ)), "control.sock")
+    return os.path.join(control_dir(runtime_root(environ)), CONTROL_SOCKET_NAME)
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> None:

@@ -20,13 +20,16 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tractor_session import envelope
 from tractor_session.client import ClientError, connect
-from tractor_session.protocol import Transport
+
+if TYPE_CHECKING:
+    from tractor_session.protocol import Transport
+    from tractor_session.rtvars import RuntimeVars
 
 _STATE = pytest.StashKey["_RunSession"]()
 _LEAKS_KEY = "tractor_session_leaks"
@@ -71,7 +74,7 @@ class _RunSession:
         except ClientError as err:
             raise pytest.UsageError(f"tractor-session: could not take a lease: {err}") from None
         self.owned = True
-        env = {**granted.env, "TRACTOR_SESSION_ID": granted.lease.lease_id}
+        env = granted.env
         for name, value in env.items():
             self.saved_env.setdefault(name, os.environ.get(name))
             os.environ[name] = value
@@ -84,7 +87,7 @@ class _RunSession:
             return []
         import psutil
 
-        from tractor_session import reaper
+        from tractor_session import procs
 
         found = [
             f"socket {path}" for path in _sockets_under(self.lease.bindspace)
@@ -94,7 +97,7 @@ class _RunSession:
         ancestors = {p.pid for p in psutil.Process().parents()}
         found += [
             f"process {v.pid}: {v.cmdline[:200]}"
-            for v in reaper.session_processes(self.lease.lease_id)
+            for v in procs.session_processes(self.lease.lease_id)
             if v.pid not in ancestors
         ]
         return found
@@ -142,18 +145,9 @@ def _inherited_lease() -> SessionLease | None:
         Path(rtvars._bindspace),
         rtvars._enable_tpts[0] if rtvars._enable_tpts else "tcp",
         rtvars._registry_addrs[0],
-        {k: os.environ[k] for k in _ENVELOPE_VARS if k in os.environ},
+        {k: os.environ[k] for k in envelope.SESSION_VARS if k in os.environ},
         True,
     )
-
-
-_ENVELOPE_VARS = (
-    envelope._TRACTOR_RT_VARS_OSENV,
-    "XDG_RUNTIME_DIR",
-    "TRACTOR_SESSION_SOCKET",
-    "TRACTOR_SESSION_ROOT",
-    "TRACTOR_SESSION_ID",
-)
 
 
 def _transport(config: pytest.Config) -> Transport:
@@ -248,7 +242,7 @@ def tractor_session_lease(pytestconfig: pytest.Config) -> SessionLease:
 
 
 @pytest.fixture(scope="session")
-def tractor_session_rtvars(tractor_session_lease: SessionLease) -> envelope.RuntimeVars:
+def tractor_session_rtvars(tractor_session_lease: SessionLease) -> RuntimeVars:
     """The envelope as a :class:`~tractor_session.envelope.RuntimeVars`;
     ``tractor.open_root_actor(**tractor_session_rtvars.as_kwargs())``."""
     return envelope.load_rtvars(tractor_session_lease.env)

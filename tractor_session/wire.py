@@ -38,11 +38,21 @@ def frame(body: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def body_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
-    (length,) = HEADER.unpack(header)
+def take_frame(buf: bytearray, limit: int = MAX_MESSAGE_BYTES) -> bytes | None:
+    """The body of the first whole frame in ``buf``, removed from it, or
+    None while the frame is still incomplete.  Raises :class:`ProtocolError`
+    as soon as the header announces more than ``limit`` bytes."""
+    if len(buf) < HEADER.size:
+        return None
+    (length,) = HEADER.unpack(buf[: HEADER.size])
     if length > limit:
         raise ProtocolError(f"message of {length} bytes exceeds the {limit}-byte limit")
-    return length
+    end = HEADER.size + length
+    if len(buf) < end:
+        return None
+    body = bytes(buf[HEADER.size : end])
+    del buf[:end]
+    return body
 
 
 def encode(message: dict[str, object]) -> bytes:

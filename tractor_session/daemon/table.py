@@ -1,25 +1,17 @@
-"""The lease table: granting, recording and ending sessions.
+"""The lease table: the live leases of one daemon and what they hold.
 
 Everything here is synchronous and quick (a few syscalls on a tmpfs), so
 the daemon calls it straight from its trio thread: no await splits picking
 a port from recording who holds it, which is what keeps two leases from
-ever sharing a port or a directory.
-
-Each lease is recorded in its own bindspace (:data:`RECORD_NAME`), written
-to a temporary file and renamed into place, so a daemon killed at any
-instant leaves either the old record or the new one.  A directory and its
-record are one unit: a restarted daemon re-adopts a lease by reading the
-records it finds, and a bindspace without a record is garbage once it is
-older than the GC grace period.
+ever sharing a port or a directory.  The rules of who may have a lease,
+and what ends one, are :mod:`tractor_session.daemon.sessions`'; this
+module only creates, finds and frees.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
-import shutil
-import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,16 +20,10 @@ from pathlib import Path
 import msgspec
 
 from tractor_session import envelope
-from tractor_session.paths import ROOT_ENV, SOCKET_ENV, fits_af_unix, short_name
-from tractor_session.ports import PortPool, PortPoolError
-from tractor_session.protocol import LeaseInfo, LeaseRequest, Transport
-
-RECORD_NAME = ".tractor-session-lease"
-BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
-UDS_REGISTRY_NAME = "registry@1616.sock"
-# The longest socket name tractor may create in a bindspace: a compacted
-# actor name and a 7-digit pid.
-DEEPEST_SOCKET_NAME = f"actor.{'0' * 32}@{'9' * 7}.sock"
+from tractor_session.daemon.ports import PortPool, PortPoolError
+from tractor_session.paths import DEEPEST_SOCKET_NAME, fits_af_unix, short_name
+from tractor_session.protocol import LeaseInfo, LeaseRequest
+from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
 
 
 class LeaseError(RuntimeError):
@@ -46,28 +32,6 @@ class LeaseError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class LeaseRecord(msgspec.Struct, forbid_unknown_fields=False):
-    """What a restarted daemon needs to take a lease over."""
-
-    lease_id: str
-    bindspace: str
-    transport: Transport
-    port: int | None
-    env: dict[str, str]
-    created: float
-    # The process whose life bounds the lease, identified by pid *and*
-    # start time so that a reused pid never keeps a dead holder's lease.
-    # For a lease bound to a client connection (``lease --``) this is the
-    # client, then (after a Bind) its command: a restarted daemon, which
-    # no longer has the connection, watches this pid instead.
-    holder_pid: int | None
-    holder_start: float | None
-    ttl: float | None = None
-    expires: float | None = None
-    reap: bool = True
-    parent: str | None = None
 
 
 @dataclass(eq=False)
@@ -85,7 +49,7 @@ class Lease:
             lease_id=r.lease_id,
             bindspace=r.bindspace,
             transport=r.transport,
-            registry_addr=registry_addr(r.transport, r.bindspace, r.port),
+            registry_addr=envelope.registry_addr(r.transport, r.bindspace, r.port),
             port=r.port,
             holder_pid=r.holder_pid,
             created=r.created,
@@ -93,105 +57,6 @@ class Lease:
             parent=r.parent,
             reap=r.reap,
         )
-
-
-def registry_addr(transport: Transport, bindspace: str, port: int | None) -> tuple[str, int | str]:
-    if transport == "uds":
-        return (f"{bindspace}/tractor", UDS_REGISTRY_NAME)
-    assert port is not None
-    return ("127.0.0.1", port)
-
-
-_DEFAULT_RTVARS = envelope.RuntimeVars().to_dict()
-_record_encoder = msgspec.json.Encoder()
-_record_decoder = msgspec.json.Decoder(LeaseRecord)
-
-
-def create_record(record: LeaseRecord) -> None:
-    """Write the first record of a brand-new bindspace.
-
-    No temporary file is needed: a crash mid-write leaves a record that does
-    not parse, which counts as no record, the state before the write.
-    """
-    _write_file(f"{record.bindspace}/{RECORD_NAME}", record, os.O_EXCL)
-
-
-def write_record(record: LeaseRecord) -> None:
-    """Atomically rewrite a lease's record inside its bindspace."""
-    path = f"{record.bindspace}/{RECORD_NAME}"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    _write_file(tmp, record, os.O_TRUNC)
-    os.replace(tmp, path)
-
-
-def _write_file(path: str, record: LeaseRecord, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | mode, 0o600)
-    try:
-        os.write(fd, _record_encoder.encode(record))
-    finally:
-        os.close(fd)
-
-
-def read_record(bindspace: Path) -> LeaseRecord | None:
-    """The record in ``bindspace``, or None if there is none (or only
-    something that is not a record).  Raises ``OSError`` when it cannot
-    tell, so that no one mistakes a live lease for garbage."""
-    try:
-        # O_NONBLOCK: a FIFO planted under the record's name must not hang us.
-        fd = os.open(bindspace / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:  # a symlink in the record's place
-            return None
-        raise  # cannot tell (out of fds, say): callers keep the directory
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, 1 << 20)
-    finally:
-        os.close(fd)
-    try:
-        record = _record_decoder.decode(data)
-    except msgspec.DecodeError:
-        return None
-    # A record only counts for the directory it sits in.
-    if Path(record.bindspace) != bindspace or short_name(record.lease_id) != bindspace.name:
-        return None
-    return record
-
-
-def remove_bindspace(root: str, bindspace: str) -> None:
-    """Remove a session directory without ever following a symlink.
-
-    ``shutil.rmtree`` works through directory fds on Linux and the BSDs,
-    so a link swapped in mid-removal cannot send it outside the tree.
-    (Plain strings, not pathlib: this runs for every lease.)
-    """
-    parent, _, name = bindspace.rpartition("/")
-    if parent != root or not BINDSPACE_NAME_RE.fullmatch(name):
-        raise ValueError(f"refusing to remove {bindspace}: not a bindspace of {root}")
-    try:
-        st = os.lstat(bindspace)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(bindspace)
-        return
-    # The common case, a session that left nothing, in three syscalls that
-    # need no file descriptor (a grant failing for want of fds must still
-    # clean up); anything else (sockets, links, files) goes through rmtree.
-    for remove, path in ((os.unlink, f"{bindspace}/{RECORD_NAME}"), (os.rmdir, f"{bindspace}/tractor")):
-        try:
-            remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            break
-    try:
-        os.rmdir(bindspace)
-    except OSError:
-        shutil.rmtree(bindspace, ignore_errors=True)
 
 
 def explain_os_error(err: OSError, root: Path) -> str:
@@ -232,7 +97,7 @@ class LeaseTable:
             raise LeaseError("unknown-lease", f"no live lease {lease_id!r}; see `tractor-session status`")
         return lease
 
-    def grant(
+    def create(
         self,
         req: LeaseRequest,
         holder_pid: int | None,
@@ -260,7 +125,7 @@ class LeaseTable:
                     "path-too-long",
                     f"socket paths in the bindspace would be too long for AF_UNIX:"
                     f" {deepest} is {len(os.fsencode(deepest))} bytes. Use a shorter"
-                    f" runtime root (set {ROOT_ENV}).",
+                    f" runtime root (set {envelope.ROOT_ENV}).",
                 )
             if req.transport == "tcp":
                 try:
@@ -273,7 +138,10 @@ class LeaseTable:
                 bindspace=bindspace,
                 transport=req.transport,
                 port=port,
-                env=self._envelope(lease_id, bindspace, req, port),
+                env=envelope.session_env(
+                    lease_id, bindspace, req.transport, port, control_socket=self._socket,
+                    root=self._root, reap=req.reap, set_xdg=req.set_xdg,
+                ),
                 created=now,
                 holder_pid=holder_pid,
                 holder_start=holder_start,
@@ -337,25 +205,3 @@ class LeaseTable:
                 continue
             return lease_id, bindspace
         raise LeaseError("collision", f"could not create a unique bindspace in {self.root}")
-
-    def _envelope(self, lease_id: str, bindspace: str, req: LeaseRequest, port: int | None) -> dict[str, str]:
-        # Built from our own values, whose types are right by construction,
-        # so the validating RuntimeVars path (dozens of microseconds a lease)
-        # is skipped: a copy of the defaults, updated, is the same str(dict).
-        rtvars = dict(_DEFAULT_RTVARS)
-        rtvars.update(
-            _enable_tpts=[req.transport],
-            _registry_addrs=[registry_addr(req.transport, bindspace, port)],
-            _session_uuid=lease_id,
-            _bindspace=bindspace,
-        )
-        if not req.reap:
-            rtvars[envelope.NO_REAP_KEY] = True
-        env = {
-            envelope._TRACTOR_RT_VARS_OSENV: str(rtvars),
-            SOCKET_ENV: self._socket,
-            ROOT_ENV: self._root,
-        }
-        if req.set_xdg:
-            env["XDG_RUNTIME_DIR"] = bindspace
-        return env

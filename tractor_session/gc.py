@@ -14,6 +14,10 @@ Three kinds of garbage:
 Safety comes first: nothing outside the root, no symlink followed (a link
 named like a bindspace is removed as a link), nothing another user owns,
 nothing whose name is not ours, and never a listened-on socket.
+
+No trio: ``tractor-session gc`` runs this directly when no daemon runs,
+and the daemon from a worker thread.  Records (msgspec) and processes
+(psutil) are imported when a scan starts, not with the module.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import contextlib
 import fcntl
 import os
 import re
-import shutil
 import socket
 import stat
 import time
@@ -31,12 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tractor_session import paths
-from tractor_session.leases import BINDSPACE_NAME_RE, read_record
-from tractor_session.liveness import is_alive
-from tractor_session.protocol import GcItem
-from tractor_session.reaper import Victim, session_processes_of_root, terminate
+
+TYPE_CHECKING = False  # see client.py
+if TYPE_CHECKING:
+    from tractor_session.procs import Victim
+    from tractor_session.protocol import GcItem, Reaped
 
 DEFAULT_GRACE = 300.0
+DEFAULT_REAP_GRACE = 3.0
 _ACTOR_SOCKET_RE = re.compile(r"(.+)@(\d+)\.sock")
 
 
@@ -50,9 +55,17 @@ class Findings:
     def process_item(self, pid: int, cmdline: str, ended_by: str | None = None) -> GcItem:
         """The report line of one leftover process (``ended_by`` a signal
         once it was reaped)."""
+        from tractor_session.protocol import GcItem
+
         sid = next(sid for sid, victims in self.processes.items() if any(v.pid == pid for v in victims))
         how = f"; ended by {ended_by}" if ended_by else ""
         return GcItem("process", f"pid {pid}: {cmdline[:120]}", f"session {sid} has no live lease{how}")
+
+    def victims(self) -> list[Victim]:
+        return [v for victims in self.processes.values() for v in victims]
+
+    def reaped_items(self, reaped: list[Reaped]) -> list[GcItem]:
+        return [self.process_item(r.pid, r.cmdline, r.signal) for r in reaped]
 
     def items(self) -> list[GcItem]:
         procs = [self.process_item(v.pid, v.cmdline) for victims in self.processes.values() for v in victims]
@@ -61,6 +74,9 @@ class Findings:
 
 def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float) -> str | None:
     """Why the directory ``path`` is garbage, or None if it must stay."""
+    from tractor_session.procs import is_alive
+    from tractor_session.records import read_record
+
     record = read_record(path)
     if record is None:
         age = now - st.st_mtime
@@ -89,6 +105,8 @@ def _socket_listened_on(path: Path) -> bool:
 
 
 def _socket_verdict(path: Path) -> str | None:
+    from tractor_session.procs import is_alive
+
     if _socket_listened_on(path):
         return None
     # tractor names actor sockets <name>@<pid>.sock; registry@<port>.sock
@@ -102,6 +120,10 @@ def _socket_verdict(path: Path) -> str | None:
 def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
     """Find garbage in ``root``.  A daemon drops from the findings what its
     table knows to be live; without one, the records decide."""
+    from tractor_session.procs import session_processes_of_root
+    from tractor_session.protocol import GcItem
+    from tractor_session.records import BINDSPACE_NAME_RE
+
     findings = Findings()
     # Processes first: a lease granted after this scan cannot own one of
     # the processes it found, so checking liveness afterwards is race-free.
@@ -154,6 +176,8 @@ def _session_is_dead(root: Path, session_id: str, grace: float) -> bool:
 def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
     """Remove bindspaces, links and sockets found by :func:`scan`; return
     what was actually removed."""
+    from tractor_session.records import remove_bindspace
+
     removed: list[GcItem] = []
     for item in items:
         path = Path(item.path)
@@ -165,8 +189,9 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
             continue
         try:
             if stat.S_ISDIR(st.st_mode) and item.kind == "bindspace":
-                # fd-based on Linux: a link swapped in cannot lead outside.
-                shutil.rmtree(path)
+                remove_bindspace(str(root), str(path))
+                if os.path.lexists(path):
+                    continue
             elif stat.S_ISLNK(st.st_mode):
                 os.unlink(path)
             elif stat.S_ISSOCK(st.st_mode):
@@ -200,9 +225,10 @@ def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None
         findings = scan(root, DEFAULT_GRACE if grace is None else grace)
         if dry_run:
             return findings.items()
-        ended = terminate([v for victims in findings.processes.values() for v in victims], grace=3.0)
-        processes = [findings.process_item(v.pid, v.cmdline, sig) for v, sig in ended]
-        return processes + remove(root, findings.bindspaces + findings.sockets)
+        from tractor_session.procs import terminate
+
+        reaped = terminate(findings.victims(), DEFAULT_REAP_GRACE)
+        return findings.reaped_items(reaped) + remove(root, findings.bindspaces + findings.sockets)
 
 
 class BusyError(RuntimeError):

@@ -1,0 +1,25 @@
+"""What the daemon can be told (``tractor-session serve --help``); the
+defaults suit a dev box."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tractor_session import gc, wire
+from tractor_session.daemon.ports import DEFAULT_POOL
+
+
+@dataclass
+class Config:
+    root: Path
+    socket: Path
+    port_pool: range = DEFAULT_POOL
+    reap_grace: float = 3.0
+    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
+    request_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    max_connections: int = 1024
+    max_leases: int = 20000
+    gc_interval: float = 60.0
+    gc_grace: float = gc.DEFAULT_GRACE

@@ -1,0 +1,70 @@
+"""Ending a session's leftover processes, from trio.
+
+Finding them reads every process of the user, so when a thousand leases
+end at once (their holder died, a daemon restarted) they share one scan
+instead of queueing for a thousand: :class:`LeftoverScanner` batches the
+requests that arrive while a scan runs into the next one.  Scanning and
+ending run in worker threads (:mod:`tractor_session.procs` is synchronous),
+so the event loop keeps serving everyone else meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from tractor_session import procs
+from tractor_session.procs import Victim
+from tractor_session.protocol import Reaped
+
+# Each reap waits out a grace period in its own thread; many sessions may
+# end at once, and trio's default limit (40) would queue them behind
+# each other's grace periods.
+_REAPERS = trio.CapacityLimiter(512)
+
+
+async def reap(victims: list[Victim], grace: float) -> list[Reaped]:
+    """SIGINT ``victims``, then SIGKILL what remains after ``grace``."""
+    if not victims:
+        return []
+    return await trio.to_thread.run_sync(
+        procs.terminate, victims, grace, limiter=_REAPERS, abandon_on_cancel=True
+    )
+
+
+class LeftoverScanner:
+    """Finds sessions' leftover processes, many sessions per scan."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._batch = _ScanBatch()
+
+    async def find(self, session_id: str) -> list[Victim]:
+        batch = self._batch
+        batch.ids.add(session_id)
+        if not batch.started:
+            batch.started = True
+            try:
+                async with self._lock:
+                    # From here on, new requests go to the next batch.
+                    self._batch = _ScanBatch()
+                    batch.found = await trio.to_thread.run_sync(procs.sessions_processes, batch.ids)
+            except Exception as err:
+                batch.error = err
+                raise
+            finally:
+                batch.done.set()
+        await batch.done.wait()
+        if batch.error is not None:
+            raise RuntimeError(f"scanning for leftover processes failed: {batch.error!r}")
+        return batch.found.get(session_id, [])
+
+
+@dataclass
+class _ScanBatch:
+    ids: set[str] = field(default_factory=set)
+    started: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    found: dict[str, list[Victim]] = field(default_factory=dict)
+    error: Exception | None = None

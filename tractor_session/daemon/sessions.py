@@ -1,0 +1,398 @@
+"""The lease rules: who gets a session, and what ends one.
+
+:class:`Sessions` owns every live lease's state: the table (directories,
+ports, records), which connection or holder process bounds each lease,
+the ttl clock, and the leases being ended.  A lease ends when it is
+released, when its holder dies (a pidfd watch, or its connection
+closing), when its ttl runs out, or when its parent ends; then its
+leftover processes are reaped, and only then are its directory and port
+freed.
+
+Bookkeeping is synchronous (see :mod:`.table`), so requests never race
+each other between two awaits; only reaping, which waits out a grace
+period, and garbage sweeps happen in the background.
+
+Stopping the daemon keeps every live lease on disk: the next daemon
+re-adopts them (:meth:`Sessions.recover`).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import msgspec
+import psutil
+import trio
+
+from tractor_session import gc, protocol
+from tractor_session.daemon import reaping
+from tractor_session.daemon.config import Config
+from tractor_session.daemon.holders import HolderKey, HolderWatches
+from tractor_session.daemon.ports import PortPool
+from tractor_session.daemon.systemd import Notifier
+from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
+from tractor_session.paths import short_name
+from tractor_session.procs import is_alive, last_pid, start_time
+from tractor_session.protocol import (
+    Bound,
+    GcItem,
+    LeaseRequest,
+    Reaped,
+    Released,
+    Renewed,
+    Status,
+)
+from tractor_session.records import BINDSPACE_NAME_RE, read_record
+
+log = logging.getLogger("tractor_session.daemon")
+
+CONNECTION_CLOSED = "its holder's connection closed"
+
+
+def _check_ttl(ttl: float) -> None:
+    if not 0 < ttl < 10**9:  # also refuses NaN
+        raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {ttl}")
+
+
+class Peer:
+    """The process at the other end of a connection.  Its start time is
+    read once, on its first connection-held lease."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def lineage(self) -> frozenset[int]:
+        """The peer and its ancestors."""
+        try:
+            proc = psutil.Process(self.pid)
+            return frozenset([self.pid, *(p.pid for p in proc.parents())])
+        except psutil.Error:
+            return frozenset([self.pid])
+
+    @functools.cached_property
+    def start(self) -> float | None:
+        # The pid is unknown (0) on macOS and across pid namespaces: then
+        # only the connection bounds its leases.
+        return start_time(self.pid) if self.pid > 0 else None
+
+
+class Sessions:
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
+        self.ending: dict[str, trio.Event] = {}
+        # One watch per holder process, however many leases it holds.
+        self.by_holder: dict[HolderKey, set[str]] = {}
+        self.holder_watches = HolderWatches(self._holder_exited)
+        # (wall-clock expiry, lease id); stale entries are skipped.
+        self.expiries: list[tuple[float, str]] = []
+        self._expiries_changed = trio.Event()
+        self.scanner = reaping.LeftoverScanner()
+        # Leases bound to a connection of this daemon; ended when it closes.
+        self.connected: set[str] = set()
+        # lease id -> the host's last pid just before its envelope existed.
+        self.spawn_marks: dict[str, int] = {}
+        self.readopted = 0
+        # Set on SIGTERM/SIGINT: from then on nothing ends a lease, so that
+        # every live one stays on disk for the next daemon.
+        self.stopping = False
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Re-adopt what is on disk, then keep time and sweep garbage until
+        cancelled.  Started (``nursery.start``) once recovery is done."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.recover()
+            nursery.start_soon(self._expire_leases)
+            nursery.start_soon(self._sweep_periodically)
+            task_status.started()
+
+    def recover(self) -> None:
+        """Re-adopt the leases an earlier daemon left on disk."""
+        try:
+            names = os.listdir(self.config.root)
+        except FileNotFoundError:
+            return
+        dead = 0
+        for name in names:
+            if not BINDSPACE_NAME_RE.fullmatch(name):
+                continue
+            record = read_record(self.config.root / name)
+            if record is None:
+                continue
+            lease = self.table.adopt(record)
+            if is_alive(record.holder_pid or 0, record.holder_start):
+                self._track(lease)
+            else:
+                dead += 1
+                self._end_in_background(lease, "holder died while no daemon ran")
+        if dead:
+            log.info("recovery: ending %d leases whose holders died meanwhile", dead)
+        self.readopted = len(self.table) - dead
+
+    # -- requests -------------------------------------------------------
+
+    def find(self, lease_id: str) -> Lease:
+        return self.table.find(protocol.check_id(lease_id))
+
+    def grant(self, request: LeaseRequest, peer: Peer) -> Lease:
+        if len(self.table) >= self.config.max_leases:
+            raise LeaseError(
+                "too-many-leases",
+                f"the daemon holds {len(self.table)} leases, its limit (--max-leases);"
+                " release some or run `tractor-session status`",
+            )
+        if request.ttl is not None:
+            _check_ttl(request.ttl)
+        if request.parent is not None:
+            parent = self.find(request.parent)
+            if parent.lease_id in self.ending:
+                raise LeaseError("unknown-lease", f"parent lease {parent.lease_id} is ending")
+            request = msgspec.structs.replace(request, parent=parent.lease_id)
+        by_connection = request.holder_pid is None
+        if by_connection:
+            holder, holder_start = peer.pid, peer.start
+        else:
+            assert request.holder_pid is not None
+            holder, holder_start = request.holder_pid, self._check_holder(request.holder_pid)
+        mark = last_pid()
+        lease = self.table.create(request, holder if holder > 0 else None, holder_start)
+        if by_connection:
+            self.connected.add(lease.lease_id)
+        if mark is not None:
+            self.spawn_marks[lease.lease_id] = mark
+        self._track(lease)
+        self._announce()
+        if log.isEnabledFor(logging.DEBUG):  # info() is work; grants are the hot path
+            log.debug(
+                "granted %s to pid %s: %s %s", short_name(lease.lease_id), holder,
+                lease.record.transport, lease.info().registry_addr,
+            )
+        return lease
+
+    async def release(self, lease: Lease, peer: Peer) -> Released:
+        self.connected.discard(lease.lease_id)
+        # The requester may itself run inside the session (a script that
+        # leased with --export): it and its ancestors are spared.
+        reaped = await self.end_lease(lease, "released", released=True, spare=peer)
+        return Released(lease.lease_id, reaped)
+
+    def renew(self, lease: Lease, ttl: float | None) -> Renewed:
+        ttl = ttl if ttl is not None else lease.record.ttl
+        if ttl is None:
+            raise LeaseError("bad-request", f"lease {lease.lease_id} has no ttl; pass --ttl")
+        _check_ttl(ttl)
+        expires = time.time() + ttl
+        self.table.update(lease, ttl=ttl, expires=expires)
+        self._track_expiry(lease)
+        return Renewed(lease.lease_id, expires)
+
+    def bind(self, lease: Lease, pid: int) -> Bound:
+        """Re-bind a lease to the command its connection runs, so that a
+        daemon restarted mid-run knows what bounds it."""
+        start = self._check_holder(pid)
+        old_key = self._holder_key(lease)
+        self.table.update(lease, holder_pid=pid, holder_start=start)
+        self._untrack_holder(lease, old_key)
+        self._track(lease)
+        return Bound(lease.lease_id)
+
+    def status(self) -> Status:
+        return Status(
+            os.getpid(),
+            str(self.config.root),
+            [lease.info() for lease in self.table.leases.values() if lease.lease_id not in self.ending],
+        )
+
+    def connection_closed(self, lease: Lease) -> None:
+        self.connected.discard(lease.lease_id)
+        self._end_in_background(lease, CONNECTION_CLOSED)
+
+    def _check_holder(self, pid: int) -> float:
+        """Validate a holder pid named by a client; return its start time."""
+        if pid <= 1:
+            raise LeaseError("bad-holder", f"holder pid {pid} is not allowed: pick the process whose life bounds the lease")
+        start = start_time(pid)
+        if start is None:
+            raise LeaseError("bad-holder", f"holder pid {pid} does not exist")
+        try:
+            uid = psutil.Process(pid).uids().real
+        except psutil.Error:
+            raise LeaseError("bad-holder", f"holder pid {pid} does not exist") from None
+        if uid != os.getuid():
+            raise LeaseError("bad-holder", f"holder pid {pid} belongs to uid {uid}, not to you")
+        return start
+
+    def _announce(self) -> None:
+        self.notifier.send(f"STATUS={len(self.table)} live leases")
+
+    # -- what ends a lease by itself: its holder's death, its ttl -------
+
+    def _track(self, lease: Lease) -> None:
+        """Watch what can end ``lease`` other than a request.  A lease bound
+        to one of our connections needs no pid watch: the connection closes
+        when its process dies."""
+        if lease.lease_id not in self.connected and lease.record.holder_pid is not None:
+            key = self._holder_key(lease)
+            self.by_holder.setdefault(key, set()).add(lease.lease_id)
+            assert self._nursery is not None
+            self.holder_watches.add(self._nursery, key)
+        self._track_expiry(lease)
+
+    @staticmethod
+    def _holder_key(lease: Lease) -> HolderKey:
+        return (lease.record.holder_pid or 0, lease.record.holder_start)
+
+    def _untrack_holder(self, lease: Lease, key: HolderKey | None = None) -> None:
+        key = key or self._holder_key(lease)
+        if (ids := self.by_holder.get(key)) is not None:
+            ids.discard(lease.lease_id)
+            if not ids:
+                del self.by_holder[key]
+                self.holder_watches.remove(key)
+
+    async def _holder_exited(self, key: HolderKey) -> None:
+        for lease_id in self.by_holder.pop(key, ()):
+            if (lease := self.table.leases.get(lease_id)) is not None:
+                self._end_in_background(lease, f"holder pid {key[0]} died")
+
+    def _track_expiry(self, lease: Lease) -> None:
+        if lease.record.expires is not None:
+            heapq.heappush(self.expiries, (lease.record.expires, lease.lease_id))
+            self._expiries_changed.set()
+
+    async def _expire_leases(self) -> None:
+        """One task for every ttl: sleeps until the earliest expiry, or
+        until a grant or renewal brings an earlier one."""
+        while True:
+            now = time.time()
+            while self.expiries and self.expiries[0][0] <= now:
+                _, lease_id = heapq.heappop(self.expiries)
+                lease = self.table.leases.get(lease_id)
+                # A renewal leaves the old entry behind: the record decides.
+                if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
+                    self._end_in_background(lease, "its ttl expired")
+            self._expiries_changed = trio.Event()
+            wait = self.expiries[0][0] - now if self.expiries else math.inf
+            with trio.move_on_after(wait):
+                await self._expiries_changed.wait()
+
+    # -- ending ---------------------------------------------------------
+
+    def _end_in_background(self, lease: Lease, reason: str) -> None:
+        assert self._nursery is not None
+        if not self.stopping and not lease.ended and lease.lease_id not in self.ending:
+            self._nursery.start_soon(self._end_logging_errors, lease, reason)
+
+    async def _end_logging_errors(self, lease: Lease, reason: str) -> None:
+        """A lease that fails to end (out of fds, say) stays live and
+        watched; the failure costs a log line, never the daemon."""
+        try:
+            await self.end_lease(lease, reason)
+        except Exception:
+            log.exception("could not end lease %s (%s); it stays live", short_name(lease.lease_id), reason)
+
+    async def end_lease(
+        self, lease: Lease, reason: str, released: bool = False, spare: Peer | None = None
+    ) -> list[Reaped]:
+        """End a lease: end its child leases, reap what its session left
+        running (but ``spare`` and its ancestors), then free its directory
+        and port.  Concurrent calls wait for the first one."""
+        if lease.ended or self.stopping:
+            return []
+        if (done := self.ending.get(lease.lease_id)) is not None:
+            await done.wait()
+            return []
+        done = self.ending[lease.lease_id] = trio.Event()
+        reaped: list[Reaped] = []
+        try:
+            children = [
+                child for child_id in self.table.children.get(lease.lease_id, ())
+                if (child := self.table.leases.get(child_id)) is not None
+            ]
+            if children:
+                async with trio.open_nursery() as nursery:
+                    for child in children:
+                        nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
+            if lease.record.reap and self._may_have_processes(lease):
+                reaped = await self._reap(lease.lease_id, spare)
+            # Not reached when the daemon stops mid-reap: the lease then stays
+            # on disk and the next daemon, finding its holder dead, ends it.
+            self.table.end(lease)
+            self._untrack_holder(lease)
+            self.spawn_marks.pop(lease.lease_id, None)
+            self._announce()
+        finally:
+            del self.ending[lease.lease_id]
+            done.set()
+        # A release, or a client closing its connection, is routine; a
+        # death, an expiry or a reap is worth a line.
+        routine = released or reason == CONNECTION_CLOSED
+        log.log(
+            logging.DEBUG if routine and not reaped else logging.INFO,
+            "ended %s (%s)%s", short_name(lease.lease_id), reason,
+            f", reaped {len(reaped)}: " + ", ".join(f"{r.pid} {r.cmdline[:60]!r}" for r in reaped)
+            if reaped else "",
+        )
+        return reaped
+
+    def _may_have_processes(self, lease: Lease) -> bool:
+        """False only when no process at all was created on the host since
+        the lease was granted: then none can carry its envelope, and the
+        scan of every process is skipped (the common clean release).  The
+        age bound keeps pid wrap-around out of the question."""
+        mark = self.spawn_marks.get(lease.lease_id)
+        if mark is None or time.time() - lease.record.created > 60:
+            return True
+        return last_pid() != mark
+
+    async def _reap(self, session_id: str, spare: Peer | None = None) -> list[Reaped]:
+        """End a session's leftover processes, but ``spare`` and its
+        ancestors."""
+        victims = await self.scanner.find(session_id)
+        if victims and spare is not None:
+            # Looked up only now: walking the ancestry costs, and most
+            # sessions leave nothing to reap.
+            lineage = spare.lineage()
+            victims = [v for v in victims if v.pid not in lineage]
+        return await reaping.reap(victims, self.config.reap_grace)
+
+    # -- garbage ----------------------------------------------------------
+
+    async def collect(self, dry_run: bool = False, grace: float | None = None) -> list[GcItem]:
+        """Find (and unless ``dry_run``, remove) the root's garbage."""
+        root = self.config.root
+        grace = self.config.gc_grace if grace is None else grace
+        findings = await trio.to_thread.run_sync(gc.scan, root, grace)
+        # Taken after the scan: a lease granted while it ran is in the table
+        # by now, so its directory and processes are spared (grants happen
+        # in this thread, whole, between two awaits).
+        live = {*self.table.leases, *self.table.by_short}
+        findings.processes = {sid: v for sid, v in findings.processes.items() if sid not in live}
+        findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live]
+        if dry_run:
+            return findings.items()
+        reaped = await reaping.reap(findings.victims(), self.config.reap_grace)
+        removed = await trio.to_thread.run_sync(gc.remove, root, findings.bindspaces + findings.sockets)
+        return findings.reaped_items(reaped) + removed
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            try:
+                removed = await self.collect()
+            except Exception:
+                # One odd entry in the root must not stop the daemon.
+                log.exception("gc sweep failed; retrying in %g s", self.config.gc_interval)
+            else:
+                if removed:
+                    kinds = sorted({item.kind for item in removed})
+                    log.info("gc sweep removed %d item(s): %s", len(removed), ", ".join(kinds))
+            await trio.sleep(self.config.gc_interval)

@@ -1,0 +1,281 @@
+"""Processes, synchronously: is one alive, which belong to a session, end them.
+
+A process is named by its pid *and* its start time: a pid alone may have
+been reused by an unrelated process since we first saw it.
+
+A session's processes are recognised by their environment, not their
+ancestry: a SIGKILLed actor's subactors are re-parented to init and keep
+running, but they still carry the session id in ``_TRACTOR_RT_VARS``, the
+environment they were exec'd with.  Their descendants go with them, also
+those that carry another session's id: a session leased from inside this
+one (a nested ``tractor-session lease``) is part of it and ends with it.
+
+Scanning reads ``/proc/<pid>/environ`` of this user's processes directly,
+which is several times faster than going through psutil for each one;
+elsewhere psutil does the same job.  No trio here: ``tractor-session gc``
+without a daemon uses this module, and the daemon calls it from worker
+threads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from tractor_session import envelope, rtvars
+from tractor_session.protocol import Reaped
+
+HAVE_PROC_STAT = sys.platform.startswith("linux")
+
+
+def _read_small(path: str) -> bytes:
+    """One read of a small /proc file, without a buffered file object
+    (several times cheaper; these run for every lease)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def last_pid() -> int | None:
+    """The pid most recently handed out on this host (Linux), or None.
+
+    If it has not changed between two readings, no process (or thread) was
+    created in between: the daemon uses that to skip scanning for a
+    session's leftovers when nothing can have been started inside it.
+    """
+    try:
+        return int(_read_small("/proc/sys/kernel/ns_last_pid"))
+    except (OSError, ValueError):
+        return None
+
+
+def start_time(pid: int) -> float | None:
+    """A stamp of when ``pid`` started, or None if no such process runs.
+
+    Only ever compared with another stamp from this function: on Linux it
+    is the start time in clock ticks since boot, read with one ``read`` of
+    ``/proc/<pid>/stat`` (this is on the hot path of every lease);
+    elsewhere psutil's creation time.  Raises ``OSError`` when it cannot
+    tell (out of file descriptors, say): that is not a death.
+    """
+    if pid <= 0:
+        return None
+    if HAVE_PROC_STAT:
+        try:
+            stat = _read_small(f"/proc/{pid}/stat")
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        # Fields after the command name, which may itself contain ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):  # zombie or dead: gone for our purposes
+            return None
+        return float(fields[19])
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error as err:
+        raise OSError(f"cannot read process {pid}: {err}") from None
+
+
+def is_alive(pid: int, start: float | None) -> bool:
+    """Whether the process ``pid`` that started at ``start`` still runs.
+
+    When that cannot be told (out of file descriptors), the answer is yes:
+    every caller would otherwise end a live lease or collect a live session.
+    """
+    try:
+        now = start_time(pid)
+    except OSError:
+        return True
+    return now is not None and (start is None or now == start)
+
+
+
+_MARKER = envelope._TRACTOR_RT_VARS_OSENV.encode() + b"="
+Match = Callable[[rtvars.RuntimeVars], bool]
+
+
+@dataclass(frozen=True)
+class Victim:
+    pid: int
+    start: float
+    cmdline: str
+
+
+def _matching_session(value: str, match: Match) -> str | None:
+    """The session id in the envelope text ``value`` if ``match`` accepts
+    it; None for anything else, a hostile or garbled envelope included."""
+    try:
+        found = rtvars.load_rtvars({envelope._TRACTOR_RT_VARS_OSENV: value})
+    except rtvars.EnvelopeError:
+        return None
+    return found._session_uuid if found._session_uuid is not None and match(found) else None
+
+
+def _envelope_in(environ: bytes) -> str | None:
+    for entry in environ.split(b"\0"):
+        if entry.startswith(_MARKER):
+            try:
+                return entry[len(_MARKER):].decode()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def _linux_marked(needle: bytes, match: Match) -> dict[int, str]:
+    uid = os.getuid()
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        # A cheap byte search first: most processes carry no envelope.
+        if needle not in data or (value := _envelope_in(data)) is None:
+            continue
+        if (sid := _matching_session(value, match)) is not None:
+            found[int(name)] = sid
+    return found
+
+
+def _psutil_marked(match: Match) -> dict[int, str]:
+    uid = os.getuid()
+    found: dict[int, str] = {}
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.pid == os.getpid() or proc.info["uids"].real != uid:
+                continue
+            value = proc.environ().get(envelope._TRACTOR_RT_VARS_OSENV)
+        except (psutil.Error, AttributeError):
+            continue
+        if value is not None and (sid := _matching_session(value, match)) is not None:
+            found[proc.pid] = sid
+    return found
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from one pass over the process table
+    (a walk per marked process would make a scan quadratic)."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        if (ppid := proc.info["ppid"]) is not None:
+            children.setdefault(ppid, []).append(proc.pid)
+    return children
+
+
+def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
+    uid = os.getuid()
+    me = os.getpid()
+    groups: dict[str, list[Victim]] = {}
+    if not marked:
+        return groups
+    children = _children_by_parent()
+    seen: set[int] = set()
+    for top, sid in marked.items():
+        family = [top]
+        while family:
+            pid = family.pop()
+            if pid in seen or pid == me:
+                continue
+            seen.add(pid)
+            family.extend(children.get(pid, ()))
+            try:
+                proc = psutil.Process(pid)
+                if proc.uids().real != uid:
+                    continue
+                start = start_time(pid)
+                if start is None:
+                    continue
+                victim = Victim(pid, start, " ".join(proc.cmdline()) or proc.name())
+            except (psutil.Error, OSError):
+                continue
+            groups.setdefault(sid, []).append(victim)
+    return groups
+
+
+def _find(needle: str, match: Match) -> dict[str, list[Victim]]:
+    if sys.platform.startswith("linux"):
+        marked = _linux_marked(needle.encode(), match)
+    else:
+        marked = _psutil_marked(match)
+    return _with_descendants(marked)
+
+
+def session_processes(session_id: str) -> list[Victim]:
+    """This user's processes carrying ``session_id``, with descendants."""
+    return _find(session_id, lambda rv: rv._session_uuid == session_id).get(session_id, [])
+
+
+def sessions_processes(session_ids: set[str]) -> dict[str, list[Victim]]:
+    """Like :func:`session_processes` for many sessions in one scan."""
+    if len(session_ids) == 1:
+        (only,) = session_ids
+        return {only: session_processes(only)}
+    return _find(envelope._TRACTOR_RT_VARS_OSENV, lambda rv: rv._session_uuid in session_ids)
+
+
+def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
+    """This user's processes of any session whose bindspace is in ``root``,
+    grouped by session id.  Sessions of other roots (another daemon's) are
+    none of our business, nor are those leased with ``--no-reap``."""
+    prefix = str(root) + os.sep
+    return _find(
+        prefix,
+        lambda rv: rv._bindspace is not None
+        and rv._bindspace.startswith(prefix)
+        and os.sep not in rv._bindspace[len(prefix):]
+        and not rv.extra.get(envelope.NO_REAP_KEY),
+    )
+
+
+def terminate(victims: list[Victim], grace: float) -> list[Reaped]:
+    """End ``victims``: SIGINT, up to ``grace`` seconds for them to go, then
+    SIGKILL, and wait (briefly) for the killed to be gone.  Returns each
+    victim with the signal that ended it.  The one loop that ends
+    processes: ``gc`` without a daemon calls it, the daemon too, from a
+    worker thread."""
+    _signal_all(victims, signal.SIGINT)
+    left = _wait_gone(victims, grace)
+    _signal_all(left, signal.SIGKILL)
+    _wait_gone(left, 5.0)
+    killed = set(left)
+    return [Reaped(v.pid, v.cmdline, "SIGKILL" if v in killed else "SIGINT") for v in victims]
+
+
+def _signal_all(victims: list[Victim], sig: signal.Signals) -> None:
+    for v in victims:
+        # Checked just before: a victim's pid may have been reused since.
+        if is_alive(v.pid, v.start):
+            try:
+                os.kill(v.pid, sig)
+            except OSError:
+                pass  # gone, or no longer ours to signal (it exec'd setuid)
+
+
+def _wait_gone(victims: list[Victim], timeout: float) -> list[Victim]:
+    """Those of ``victims`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    left = [v for v in victims if is_alive(v.pid, v.start)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = [v for v in left if is_alive(v.pid, v.start)]
+    return left
