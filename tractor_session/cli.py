@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from tractor_session import paths
+from tractor_session import envelope, paths
 from tractor_session.client import ClientError, connect, grant
 from tractor_session.paths import short_name
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from tractor_session.protocol import LeaseInfo
+
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 PROG = "tractor-session"
 
@@ -234,7 +236,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_lease(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_lease(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "lease", formatter_class=fmt,
         help="run a command in a new session (or print one with --export)",
@@ -266,7 +268,7 @@ def _add_lease(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
     p.set_defaults(func=cmd_lease)
 
 
-def _add_status(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_status(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "status", formatter_class=fmt, help="list the live leases",
         description="List every live lease: id, holder pid, age, registry address, bindspace.",
@@ -276,7 +278,7 @@ def _add_status(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatte
     p.set_defaults(func=cmd_status)
 
 
-def _add_release(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_release(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "release", formatter_class=fmt, help="end a lease by id",
         description="End a lease now: reap its leftover processes, remove its bindspace, free its port.",
@@ -286,7 +288,7 @@ def _add_release(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatt
     p.set_defaults(func=cmd_release)
 
 
-def _add_renew(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_renew(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "renew", formatter_class=fmt, help="extend a --ttl lease",
         description="Push a time-limited lease's expiry SECONDS into the future.",
@@ -297,7 +299,7 @@ def _add_renew(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
     p.set_defaults(func=cmd_renew)
 
 
-def _add_gc(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_gc(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "gc", formatter_class=fmt, help="remove what dead sessions left behind",
         description="Remove stale bindspaces (their holder is dead, or they have no lease\n"
@@ -314,7 +316,7 @@ def _add_gc(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) 
     p.set_defaults(func=cmd_gc)
 
 
-def _add_serve(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_serve(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "serve", formatter_class=fmt, help="run the daemon in the foreground",
         description="Run the per-user daemon in the foreground. Clients start one on demand,\n"
@@ -322,7 +324,7 @@ def _add_serve(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
         "stop it; live leases stay on disk and the next daemon re-adopts them.",
         epilog="example:\n  tractor-session serve --port-pool 20000-29999",
     )
-    p.add_argument("--root", metavar="DIR", help=f"runtime root (default: ${paths.ROOT_ENV} or tractor's)")
+    p.add_argument("--root", metavar="DIR", help=f"runtime root (default: ${envelope.ROOT_ENV} or tractor's)")
     p.add_argument("--socket", metavar="PATH", help="control socket (default: <root>-session/control.sock)")
     p.add_argument("--port-pool", metavar="LOW-HIGH", help="registry ports to hand out (default: 20000-29999)")
     seconds, count = _positive(float), _positive(int)
@@ -345,7 +347,7 @@ def _add_serve(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
     p.set_defaults(func=cmd_serve)
 
 
-def _add_systemd(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_systemd(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "systemd", formatter_class=fmt, help="install the daemon as a systemd user service",
         description="install: write tractor-session.socket and .service into\n"
@@ -374,8 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(argv)
     args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return command(args)
     except UsageError as err:
         parser.error(str(err))
     except ClientError as err:

@@ -337,7 +337,7 @@ def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
     # A session's variables must not leak into a daemon started from inside
     # it: the daemon is everyone's, not the session's.
     daemon_env = {k: v for k, v in env.items() if k not in envelope.SESSION_VARS}
-    daemon_env[paths.ROOT_ENV] = root
+    daemon_env[envelope.ROOT_ENV] = root
     read_fd, write_fd = os.pipe()
     try:
         # Keep one old log: a daemon that runs for weeks must not fill the disk.

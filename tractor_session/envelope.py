@@ -27,16 +27,14 @@ if TYPE_CHECKING:
     from typing import Any
 
     from tractor_session.protocol import Transport
-    from tractor_session.rtvars import (
-        MAX_DEPTH,
-        MAX_ENVELOPE_BYTES,
-        EnvelopeError,
-        RuntimeVars,
-        dump_rtvars,
-        get_rtvars,
-        load_rtvars,
-        update_rtvars,
-    )
+    from tractor_session.rtvars import MAX_DEPTH as MAX_DEPTH
+    from tractor_session.rtvars import MAX_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
+    from tractor_session.rtvars import EnvelopeError as EnvelopeError
+    from tractor_session.rtvars import RuntimeVars as RuntimeVars
+    from tractor_session.rtvars import dump_rtvars as dump_rtvars
+    from tractor_session.rtvars import get_rtvars as get_rtvars
+    from tractor_session.rtvars import load_rtvars as load_rtvars
+    from tractor_session.rtvars import update_rtvars as update_rtvars
 
 _TRACTOR_RT_VARS_OSENV = "_TRACTOR_RT_VARS"
 """tractor's runtime vars, ``str(dict)``; the lift plan's name."""

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tractor_session import envelope
-from tractor_session.client import ClientError, connect
-
+# Nothing of ours is imported until a run is active: every pytest start
+# (and every xdist worker) on a machine with this package installed loads
+# this module.
 if TYPE_CHECKING:
     from tractor_session.protocol import Transport
     from tractor_session.rtvars import RuntimeVars
@@ -63,6 +63,8 @@ class _RunSession:
         return self.lease
 
     def _take(self) -> SessionLease:
+        from tractor_session.client import ClientError, connect
+
         inherited = _inherited_lease()
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         if inherited is not None and worker is None:
@@ -103,6 +105,8 @@ class _RunSession:
         return found
 
     def finish(self) -> None:
+        from tractor_session.client import ClientError, connect
+
         for name, value in self.saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -132,6 +136,7 @@ def _sockets_under(top: Path) -> list[Path]:
 
 def _inherited_lease() -> SessionLease | None:
     """The session this process was started in, if any."""
+    from tractor_session import envelope
     if envelope._TRACTOR_RT_VARS_OSENV not in os.environ:
         return None
     try:
@@ -245,6 +250,7 @@ def tractor_session_lease(pytestconfig: pytest.Config) -> SessionLease:
 def tractor_session_rtvars(tractor_session_lease: SessionLease) -> RuntimeVars:
     """The envelope as a :class:`~tractor_session.envelope.RuntimeVars`;
     ``tractor.open_root_actor(**tractor_session_rtvars.as_kwargs())``."""
+    from tractor_session import envelope
     return envelope.load_rtvars(tractor_session_lease.env)
 
 

@@ -33,17 +33,22 @@ nothing.
 '''
 from __future__ import annotations
 
-import ast
-import math
 import os
 import re
-import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from tractor_session.envelope import _TRACTOR_RT_VARS_OSENV, NO_REAP_KEY
+from tractor_session.literals import (
+    MAX_DEPTH,
+    MAX_ENVELOPE_BYTES,
+    EnvelopeError,
+    check_literal,
+    parse,
+    short,
+)
 
 if TYPE_CHECKING:
     import psutil
@@ -61,50 +66,12 @@ __all__ = [
     'update_rtvars',
 ]
 
-# Bounds on hostile input: the size is checked before parsing, the nesting
-# depth (containers, the top-level dict counts as 1) before `literal_eval`,
-# whose recursion a deep value could otherwise exhaust.
-MAX_ENVELOPE_BYTES: int = 64 * 1024
-MAX_DEPTH: int = 32
-
-_LEAF_TYPES: tuple[type, ...] = (str, int, float, bool, type(None))
-_CONTAINER_TYPES: tuple[type, ...] = (list, tuple, dict)
 _TRANSPORTS: frozenset[str] = frozenset({'tcp', 'uds'})
 _UUID_RE: re.Pattern[str] = re.compile(
     r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
 )
 # attribute holding unknown keys; reserved, so it is never an envelope key
 _EXTRA: str = 'extra'
-_ERR_REPR_MAX: int = 80
-
-
-class EnvelopeError(ValueError):
-    '''
-    The one exception every envelope failure raises: variable not set,
-    too big, not a literal, too deep, or a known key with a wrong value.
-
-    ``key`` is the offending top-level key, or None when the problem is
-    not tied to one.
-    '''
-
-    def __init__(self, problem: str, key: str | None = None) -> None:
-        # both in `args`, so the error pickles back to itself
-        super().__init__(problem, key)
-        self.problem: str = problem
-        self.key: str | None = key
-
-    def __str__(self) -> str:
-        where: str = f' key {self.key!r}:' if self.key is not None else ''
-        return f'{_TRACTOR_RT_VARS_OSENV}:{where} {self.problem}'
-
-
-def _short(value: Any) -> str:
-    '''`repr` capped in length: error messages must stay readable even
-    when the offending value is 64 KiB.'''
-    text: str = repr(value)
-    if len(text) > _ERR_REPR_MAX:
-        return text[:_ERR_REPR_MAX] + '...'
-    return text
 
 
 # -- value checks, one per known key --------------------------------------
@@ -112,11 +79,11 @@ def _short(value: Any) -> str:
 def _check_str(value: Any) -> str | None:
     '''Why a host, directory or filename string is unusable, or None.'''
     if type(value) is not str:
-        return f'{_short(value)} is not a str'
+        return f'{short(value)} is not a str'
     if not value:
         return 'empty string'
     if '\0' in value:
-        return f'NUL in {_short(value)}'
+        return f'NUL in {short(value)}'
     return None
 
 
@@ -129,20 +96,20 @@ def _check_port_or_file(value: Any) -> str | None:
         return f'port {value} out of range 0..65535'
     if type(value) is str:
         return _check_str(value)
-    return f'{_short(value)} is neither a port (int) nor a filename (str)'
+    return f'{short(value)} is neither a port (int) nor a filename (str)'
 
 
 def _bool(key: str, value: Any) -> bool:
     # 0/1 are refused: a writer that produces them has another bug
     if type(value) is not bool:
-        raise EnvelopeError(f'expected a bool, got {_short(value)}', key)
+        raise EnvelopeError(f'expected a bool, got {short(value)}', key)
     return value
 
 
 def _addrs(key: str, value: Any) -> list[tuple[str, str | int]]:
     expected: str = (
         f'expected a list of 2-tuples (host, port|filename), '
-        f'got {_short(value)}'
+        f'got {short(value)}'
     )
     if type(value) not in (list, tuple):
         raise EnvelopeError(expected, key)
@@ -162,7 +129,7 @@ def _tpts(key: str, value: Any) -> list[str]:
         type(tpt) is str and tpt in _TRANSPORTS for tpt in value
     ):
         raise EnvelopeError(
-            f"expected a list of 'tcp'|'uds', got {_short(value)}", key
+            f"expected a list of 'tcp'|'uds', got {short(value)}", key
         )
     return list(value)
 
@@ -170,7 +137,7 @@ def _tpts(key: str, value: Any) -> list[str]:
 def _mailbox(key: str, value: Any) -> tuple[str | None, str | int | None]:
     expected: str = (
         f'expected a 2-tuple (host|None, port|filename|None), '
-        f'got {_short(value)}'
+        f'got {short(value)}'
     )
     if type(value) is not tuple or len(value) != 2:
         raise EnvelopeError(expected, key)
@@ -188,7 +155,7 @@ def _session_uuid(key: str, value: Any) -> str | None:
         type(value) is not str or not _UUID_RE.fullmatch(value)
     ):
         raise EnvelopeError(
-            f'expected None or a lowercase uuid, got {_short(value)}', key
+            f'expected None or a lowercase uuid, got {short(value)}', key
         )
     return value
 
@@ -204,7 +171,7 @@ def _bindspace(key: str, value: Any) -> str | None:
     ):
         raise EnvelopeError(
             f'expected None or an absolute path without NUL or "..", '
-            f'got {_short(value)}',
+            f'got {short(value)}',
             key,
         )
     return value
@@ -224,33 +191,6 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     '_session_uuid': _session_uuid,
     '_bindspace': _bindspace,
 }
-
-
-def _check_literal(value: Any, key: str) -> None:
-    '''
-    Check that an unknown key's value is made only of envelope literals, so
-    that ``str()`` of it reads back equal. Exact types: a subclass (an
-    `IntEnum`, a `str` subclass) can have a `repr` that is not a literal.
-    Iterative, so a cyclic or very deep value cannot exhaust the stack.
-    '''
-    stack: list[tuple[Any, int]] = [(value, 2)]  # 1 is the top-level dict
-    while stack:
-        item, depth = stack.pop()
-        kind: type = type(item)
-        if kind is float and not math.isfinite(item):
-            raise EnvelopeError(f'non-finite float {item!r}', key)
-        if kind in _LEAF_TYPES:
-            continue
-        if kind not in _CONTAINER_TYPES:
-            raise EnvelopeError(
-                f'not a literal: {kind.__name__} {_short(item)}', key
-            )
-        if depth > MAX_DEPTH:
-            raise EnvelopeError(f'nested deeper than {MAX_DEPTH}', key)
-        children = (
-            [*item.keys(), *item.values()] if kind is dict else item
-        )
-        stack.extend((child, depth + 1) for child in children)
 
 
 class RuntimeVars(msgspec.Struct, kw_only=True):
@@ -293,16 +233,16 @@ class RuntimeVars(msgspec.Struct, kw_only=True):
             setattr(self, key, validate(key, getattr(self, key)))
         if type(self.extra) is not dict:
             raise EnvelopeError(
-                f'{_EXTRA} must be a dict, got {_short(self.extra)}'
+                f'{_EXTRA} must be a dict, got {short(self.extra)}'
             )
         for key, value in self.extra.items():
             if type(key) is not str:
-                raise EnvelopeError(f'keys must be str, got {_short(key)}')
+                raise EnvelopeError(f'keys must be str, got {short(key)}')
             if key in _VALIDATORS:
                 raise EnvelopeError(
                     f'known key inside {_EXTRA!r}, set the field', key
                 )
-            _check_literal(value, key)
+            check_literal(value, key)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RuntimeVars:
@@ -341,81 +281,6 @@ class RuntimeVars(msgspec.Struct, kw_only=True):
             'maybe_enable_greenback': self.use_greenback,
             'enable_stack_on_sig': self.use_stackscope,
         }
-
-
-# -- parsing ---------------------------------------------------------------
-
-def _check_tree(tree: ast.Expression) -> None:
-    '''
-    Refuse anything but literal nodes of the envelope types, and nesting
-    deeper than `MAX_DEPTH`, before `literal_eval` runs. `literal_eval`
-    alone would accept sets, bytes, complex numbers and ``1+2j``
-    arithmetic, and could recurse without bound.
-    '''
-    stack: list[tuple[ast.AST, int]] = [(tree.body, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, ast.Constant):
-            if type(node.value) not in _LEAF_TYPES:
-                raise EnvelopeError(
-                    f'not a literal: {type(node.value).__name__} constant'
-                )
-            if type(node.value) is float and not math.isfinite(node.value):
-                raise EnvelopeError('non-finite float')
-        elif isinstance(node, ast.UnaryOp):
-            # negative numbers: `-1` is `USub(1)` in the tree
-            if not (
-                isinstance(node.op, ast.USub | ast.UAdd)
-                and isinstance(node.operand, ast.Constant)
-                and type(node.operand.value) in (int, float)
-            ):
-                raise EnvelopeError('not a literal: unary operator')
-        elif isinstance(node, ast.List | ast.Tuple | ast.Dict):
-            if depth > MAX_DEPTH:
-                raise EnvelopeError(f'nested deeper than {MAX_DEPTH}')
-            if isinstance(node, ast.Dict):
-                if None in node.keys:
-                    raise EnvelopeError('not a literal: ** unpacking')
-                children: list[ast.AST] = [k for k in node.keys if k is not None]
-                children += node.values
-            else:
-                children = list(node.elts)
-            stack.extend((child, depth + 1) for child in children)
-        else:
-            raise EnvelopeError(f'not a literal: {type(node).__name__}')
-
-
-def _parse(value: str) -> Any:
-    '''Untrusted envelope text to a literal value, or `EnvelopeError`.'''
-    if type(value) is not str:
-        raise EnvelopeError(f'value must be a str, got {type(value).__name__}')
-    # cheap bound first: a char is at least one byte
-    if len(value) > MAX_ENVELOPE_BYTES or len(
-        value.encode('utf-8', 'surrogatepass')
-    ) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError(f'value larger than {MAX_ENVELOPE_BYTES} bytes')
-    if not value.strip():
-        raise EnvelopeError('empty value')
-    try:
-        # Hostile text may make the parser warn (invalid escapes, ...): the
-        # warning would land in the log of whoever reads the envelope.
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            tree: ast.Expression = ast.parse(value, mode='eval')
-    except (RecursionError, MemoryError):
-        # what CPython's parser raises on deep nesting ("too complex")
-        raise EnvelopeError('too deeply nested to parse') from None
-    except (SyntaxError, ValueError) as err:
-        # ValueError: NUL bytes or lone surrogates in the text
-        raise EnvelopeError(f'not a literal: {err}') from None
-    _check_tree(tree)
-    try:
-        return ast.literal_eval(tree.body)
-    except (ValueError, TypeError, RecursionError, MemoryError) as err:
-        # e.g. an unhashable dict key: `{[1]: 2}`
-        raise EnvelopeError(
-            f'not a literal: {type(err).__name__}: {err}'
-        ) from None
 
 
 # -- the lift plan's API -----------------------------------------------------
@@ -458,7 +323,7 @@ def load_rtvars(env: Mapping[str, str]) -> RuntimeVars:
         value: str = env[_TRACTOR_RT_VARS_OSENV]
     except KeyError:
         raise EnvelopeError('not set') from None
-    return RuntimeVars.from_dict(_parse(value))
+    return RuntimeVars.from_dict(parse(value))
 
 
 def get_rtvars(proc: psutil.Process | None = None) -> RuntimeVars:
