@@ -310,6 +310,48 @@ def measure_cli(b: Bench, n: int) -> dict[str, float | str]:
     }
 
 
+def measure_plugin_import(b: Bench, n: int) -> dict[str, float]:
+    """What the inert pytest plugin costs every pytest start (and every
+    xdist worker): ``pytest --co -q`` on an empty project with the plugin
+    and with ``-p no:tractor_session``, alternating; and the plugin
+    module's own import time from ``-X importtime``, which the machine's
+    noise does not drown."""
+    project = Path(tempfile.mkdtemp(prefix="ts-bench-empty-"))
+    env = b.env
+
+    def timed(*extra: str) -> float:
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *extra],
+            cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return time.perf_counter() - t
+
+    try:
+        for _ in range(3):
+            timed(), timed("-p", "no:tractor_session")
+        with_plugin, without = [], []
+        for _ in range(n):
+            with_plugin.append(timed())
+            without.append(timed("-p", "no:tractor_session"))
+        self_times = []
+        for _ in range(n):
+            done = subprocess.run(
+                [sys.executable, "-X", "importtime", "-c", "import pytest; import tractor_session.pytest_plugin"],
+                env=env, capture_output=True, text=True, check=True,
+            )
+            line = next(ln for ln in done.stderr.splitlines() if ln.endswith("| tractor_session.pytest_plugin"))
+            self_times.append(int(line.split("|")[1]) / 1e3)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    return {
+        "pytest_co_with_plugin_median_ms": statistics.median(with_plugin) * 1e3,
+        "pytest_co_without_plugin_median_ms": statistics.median(without) * 1e3,
+        "plugin_inert_cost_ms": (statistics.median(with_plugin) - statistics.median(without)) * 1e3,
+        "plugin_import_ms": statistics.median(self_times),
+    }
+
+
 def measure_cold_start(b: Bench, n: int) -> dict[str, float]:
     """No daemon running to the first lease granted, through the client."""
     times = []
@@ -424,6 +466,8 @@ TARGETS = {
     "gc_s": ("<=", 2.0),
     "rss_per_lease_kib": ("<=", 4.0),
     "fds_per_lease": ("<=", 2.0),
+    "plugin_inert_cost_ms": ("<=", 1.0),
+    "plugin_import_ms": ("<=", 1.0),
 }
 
 
@@ -464,6 +508,7 @@ def main() -> int:
         ("gc", lambda b: measure_gc(b, 1000 if q else 10000, 100)),
         ("memory and fds", lambda b: measure_memory(b, 1000 if q else 10000)),
         ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
+        ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),
     ]
     for name, step in steps:
         with bench_env(q) as b:

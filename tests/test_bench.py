@@ -22,6 +22,7 @@ FIGURES = {
     "readoption_s",
     "gc_s",
     "rss_per_lease_kib", "fds_per_lease",
+    "plugin_inert_cost_ms", "plugin_import_ms",
 }
 
 
