@@ -20,7 +20,7 @@ from conftest import Runtime
 import tractor_session
 
 PACKAGE = Path(tractor_session.__file__).parent
-LIGHT = ["cli", "client", "run", "gc", "pytest_plugin", "envelope", "paths", "wire"]
+LIGHT = ["cli", "client", "run", "gc", "pytest_plugin", "envelope", "paths", "wire", "holder"]
 HEAVY = ("trio", "msgspec", "psutil")
 
 

@@ -62,6 +62,11 @@ def cmd_lease(args: argparse.Namespace) -> int:
     if args.export or args.json:
         if command:
             raise UsageError("--export/--json print a lease and return; they take no command")
+        if args.net == "private":
+            raise UsageError(
+                "--net private needs a command to run in the new network"
+                " (`lease --net private -- CMD`): an exported lease cannot move your shell"
+            )
         return _lease_export(args)
     if not command:
         raise UsageError("give the command to run after --, e.g. `tractor-session lease -- pytest`")
@@ -76,6 +81,7 @@ def _lease_request(args: argparse.Namespace, holder_pid: int | None = None) -> d
     return {
         "transport": args.tpt_proto, "holder_pid": holder_pid, "ttl": args.ttl,
         "reap": not args.no_reap, "set_xdg": not args.no_xdg, "parent": args.parent,
+        "net": args.net,
     }
 
 
@@ -115,11 +121,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"daemon pid {status.daemon_pid}, root {status.root}, {len(status.leases)} live lease(s)")
     if status.leases:
-        print(f"{'ID':36}  {'HOLDER':>7}  {'AGE':>4}  {'REGISTRY':24}  BINDSPACE")
+        print(f"{'ID':36}  {'HOLDER':>7}  {'AGE':>4}  {'NET':7}  {'REGISTRY':24}  BINDSPACE")
         for info in sorted(status.leases, key=lambda i: i.created):
             holder = str(info.holder_pid) if info.holder_pid else "-"
             parent = f"  (of {short_name(info.parent)})" if info.parent else ""
-            print(f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {_addr(info):24}  {info.bindspace}{parent}")
+            print(
+                f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {info.net:7}  {_addr(info):24}"
+                f"  {info.bindspace}{parent}"
+            )
     return 0
 
 
@@ -243,16 +252,22 @@ def _add_lease(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
         description="Take a lease on a new session and run CMD inside it: CMD gets the\n"
         "envelope (_TRACTOR_RT_VARS, XDG_RUNTIME_DIR=<bindspace>, ...) in its\n"
         "environment, signals (INT, TERM, HUP) are passed on, and the session is\n"
-        "cleaned up when CMD ends. Exits with CMD's status (128+N if killed by N).\n"
+        "cleaned up when CMD ends. Exits with CMD's status (128+N if killed by N),\n"
+        "or 125 if the session could not be set up and CMD never ran.\n"
         "With --export, print the envelope as shell exports and return at once;\n"
         "that lease lasts as long as --holder-pid (default: the calling shell).",
         epilog="examples:\n"
         "  tractor-session lease -- pytest -x tests/\n"
         "  tractor-session lease --tpt-proto uds -- python my_script.py\n"
+        "  tractor-session lease --net private -- pytest tests/   # TCP defaults isolated too\n"
         "  eval \"$(tractor-session lease --export)\"",
     )
     p.add_argument("--tpt-proto", choices=("tcp", "uds"), default="tcp",
                    help="the registry transport (default: tcp)")
+    p.add_argument("--net", choices=("host", "private"), default="host",
+                   help="private: run CMD in a network of the session's own (Linux): only"
+                   " loopback, so tractor's default registry 127.0.0.1:1616 is the session's"
+                   " alone; services on the host's loopback are out of reach (default: host)")
     p.add_argument("--no-xdg", action="store_true",
                    help="do not point XDG_RUNTIME_DIR at the bindspace")
     p.add_argument("--no-reap", action="store_true",
@@ -271,7 +286,8 @@ def _add_lease(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
 def _add_status(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "status", formatter_class=fmt, help="list the live leases",
-        description="List every live lease: id, holder pid, age, registry address, bindspace.",
+        description="List every live lease: id, holder pid, age, network (host, or a private\n"
+        "one of the session's own), registry address, bindspace.",
         epilog="examples:\n  tractor-session status\n  tractor-session status --json | jq '.leases[].bindspace'",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -329,8 +329,26 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else "no log"
 
 
+# Run by an intermediate interpreter that exits at once: the daemon it
+# forks is nobody's child (re-parented to init, or to a subreaper above
+# us), so no harness that signals its own children (tractor's pytest
+# reapers do) can stop it, the way gpg-agent detaches.  The daemon's pid
+# goes down the ready pipe first, so that one that never gets ready can be
+# killed.
+_DETACH = """\
+import os, sys
+ready = int(sys.argv[1])
+pid = os.fork()
+if pid:
+    os.write(ready, b"%d\\n" % pid)
+    os._exit(0)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
 def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
     # Imported here: starting a daemon is the cold path.
+    import signal
     import subprocess
 
     log_path = os.path.join(os.path.dirname(sock_path), paths.DAEMON_LOG_NAME)
@@ -345,8 +363,9 @@ def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
             os.replace(log_path, log_path + ".1")
         with open(log_path, "ab") as log:
             os.chmod(log_path, 0o600)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tractor_session", "serve",
+            detacher = subprocess.Popen(
+                [sys.executable, "-c", _DETACH, str(write_fd),
+                 "-m", "tractor_session", "serve",
                  "--root", root, "--socket", sock_path, "--ready-fd", str(write_fd)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 pass_fds=(write_fd,), start_new_session=True, env=daemon_env,
@@ -354,15 +373,18 @@ def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
             )
         os.close(write_fd)
         write_fd = -1
-        ready, _, _ = select.select([read_fd], [], [], DAEMON_START_TIMEOUT)
-        if not ready or not os.read(read_fd, 64):
-            code = proc.poll()
-            if code is None:
-                proc.kill()
+        detacher.wait()
+        said = _read_until_ready(read_fd, DAEMON_START_TIMEOUT)
+        if not said.endswith(b"ready\n"):
+            pid = said.split(b"\n")[0]
+            if pid.isdigit():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
             raise ClientError(
                 "unreachable",
-                f"the daemon did not start (exit status {code}): {_last_line(log_path)}"
-                f" (full log: {log_path})",
+                f"the daemon did not start: {_last_line(log_path)} (full log: {log_path})",
             )
     except OSError as err:
         raise ClientError("unreachable", f"cannot start a daemon: {err}") from None
@@ -370,3 +392,16 @@ def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+
+
+def _read_until_ready(fd: int, timeout: float) -> bytes:
+    """What the daemon's side of the ready pipe said until ``ready``, its
+    end (the daemon died) or ``timeout``."""
+    said = b""
+    deadline = time.monotonic() + timeout
+    while not said.endswith(b"ready\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready or not (data := os.read(fd, 64)):
+            break
+        said += data
+    return said

@@ -11,7 +11,9 @@ for the validating reader); around it:
 - ``TRACTOR_SESSION_SOCKET`` and ``TRACTOR_SESSION_ROOT``: where the daemon
   is, so that a ``tractor-session`` call inside the session reaches the same
   daemon although ``XDG_RUNTIME_DIR`` now points elsewhere;
-- ``TRACTOR_SESSION_ID``: the session id, for shells and scripts.
+- ``TRACTOR_SESSION_ID``: the session id, for shells and scripts;
+- ``TRACTOR_SESSION_NET``: ``host``, or ``private`` when the session runs
+  in a network of its own.
 
 This module is imported on the hot path of every test run (the client and
 the pytest plugin name these variables), so it imports only the standard
@@ -26,7 +28,7 @@ TYPE_CHECKING = False  # not ``typing.TYPE_CHECKING``: typing costs ms to import
 if TYPE_CHECKING:
     from typing import Any
 
-    from tractor_session.protocol import Transport
+    from tractor_session.protocol import Net, Transport
     from tractor_session.rtvars import MAX_DEPTH as MAX_DEPTH
     from tractor_session.rtvars import MAX_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
     from tractor_session.rtvars import EnvelopeError as EnvelopeError
@@ -44,14 +46,19 @@ SOCKET_ENV = "TRACTOR_SESSION_SOCKET"
 ROOT_ENV = "TRACTOR_SESSION_ROOT"
 """Also read outside sessions: it overrides the runtime root."""
 SESSION_ID_ENV = "TRACTOR_SESSION_ID"
+SESSION_NET_ENV = "TRACTOR_SESSION_NET"
 
-SESSION_VARS = (_TRACTOR_RT_VARS_OSENV, XDG_ENV, SOCKET_ENV, ROOT_ENV, SESSION_ID_ENV)
+SESSION_VARS = (_TRACTOR_RT_VARS_OSENV, XDG_ENV, SOCKET_ENV, ROOT_ENV, SESSION_ID_ENV, SESSION_NET_ENV)
 """Every variable a session may set."""
 
 NO_REAP_KEY = "_tractor_session_no_reap"
 """Ours, in the rt vars of sessions leased with ``--no-reap`` only: their
 leftover processes belong to the user and garbage collection spares them
 too.  Readers keep it as an unknown key, so tractor never sees it."""
+
+TRACTOR_DEFAULT_REGISTRY = ("127.0.0.1", 1616)
+"""tractor's default TCP registry; a session with a private network uses
+it, as the address is then the session's alone."""
 
 UDS_REGISTRY_NAME = "registry@1616.sock"
 """tractor's default registry socket name; a uds session's registrar
@@ -74,11 +81,13 @@ that :class:`~tractor_session.rtvars.RuntimeVars` agrees)."""
 
 
 def registry_addr(transport: Transport, bindspace: str, port: int | None) -> tuple[str, int | str]:
-    """A session's registry address in tractor's canonical form."""
+    """A session's registry address in tractor's canonical form: a tcp
+    session without a port of its own (a private network) has tractor's
+    default."""
     if transport == "uds":
         return (f"{bindspace}/tractor", UDS_REGISTRY_NAME)
     if port is None:
-        raise ValueError("a tcp session needs a port")
+        return TRACTOR_DEFAULT_REGISTRY
     return ("127.0.0.1", port)
 
 
@@ -92,6 +101,7 @@ def session_env(
     root: str,
     reap: bool = True,
     set_xdg: bool = True,
+    net: Net = "host",
 ) -> dict[str, str]:
     """The envelope of one session: every variable, in one place.
 
@@ -114,6 +124,7 @@ def session_env(
         SOCKET_ENV: control_socket,
         ROOT_ENV: root,
         SESSION_ID_ENV: lease_id,
+        SESSION_NET_ENV: net,
     }
     if set_xdg:
         env[XDG_ENV] = bindspace

@@ -3,12 +3,21 @@
 A process is named by its pid *and* its start time: a pid alone may have
 been reused by an unrelated process since we first saw it.
 
-A session's processes are recognised by their environment, not their
-ancestry: a SIGKILLed actor's subactors are re-parented to init and keep
-running, but they still carry the session id in ``_TRACTOR_RT_VARS``, the
-environment they were exec'd with.  Their descendants go with them, also
-those that carry another session's id: a session leased from inside this
-one (a nested ``tractor-session lease``) is part of it and ends with it.
+A session's processes are recognised three ways, each with the
+descendants of what it finds:
+
+- by their environment: a process exec'd inside the session carries its id
+  in ``_TRACTOR_RT_VARS``, even once its parent died;
+- by their network namespace, for a session with a private network: the
+  kernel's mark, which nothing inside can rewrite;
+- by ancestry from the session's holders (:class:`Target.roots`): tractor's
+  subactors rewrite their process title, which blanks the environment
+  others read, and the holder is their subreaper (see
+  :mod:`tractor_session.holder`), so their orphans stay its descendants.
+
+Descendants go with what was found, also those that carry another
+session's id: a session leased from inside this one (a nested
+``tractor-session lease``) is part of it and ends with it.
 
 Scanning reads ``/proc/<pid>/environ`` of this user's processes directly,
 which is several times faster than going through psutil for each one;
@@ -109,6 +118,16 @@ Match = Callable[[rtvars.RuntimeVars], bool]
 
 
 @dataclass(frozen=True)
+class Target:
+    """What marks a session's processes besides its envelope."""
+
+    roots: frozenset[int] = frozenset()
+    """Live processes whose descendants belong to the session."""
+    netns: int | None = None
+    """The inode of the session's private network namespace."""
+
+
+@dataclass(frozen=True)
 class Victim:
     pid: int
     start: float
@@ -135,7 +154,7 @@ def _envelope_in(environ: bytes) -> str | None:
     return None
 
 
-def _linux_marked(needle: bytes, match: Match) -> dict[int, str]:
+def _linux_marked(needle: bytes, match: Match, by_netns: dict[int, str]) -> dict[int, str]:
     uid = os.getuid()
     me = os.getpid()
     found: dict[int, str] = {}
@@ -144,6 +163,9 @@ def _linux_marked(needle: bytes, match: Match) -> dict[int, str]:
             continue
         try:
             if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            if by_netns and (sid := by_netns.get(os.stat(f"/proc/{name}/ns/net").st_ino)):
+                found[int(name)] = sid
                 continue
             with open(f"/proc/{name}/environ", "rb") as f:
                 data = f.read()
@@ -212,25 +234,31 @@ def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
     return groups
 
 
-def _find(needle: str, match: Match) -> dict[str, list[Victim]]:
+def _find(needle: str, match: Match, targets: dict[str, Target] | None = None) -> dict[str, list[Victim]]:
+    targets = targets or {}
     if sys.platform.startswith("linux"):
-        marked = _linux_marked(needle.encode(), match)
+        by_netns = {t.netns: sid for sid, t in targets.items() if t.netns is not None}
+        marked = _linux_marked(needle.encode(), match, by_netns)
     else:
         marked = _psutil_marked(match)
+    for sid, target in targets.items():
+        for root in target.roots:
+            marked.setdefault(root, sid)
     return _with_descendants(marked)
 
 
-def session_processes(session_id: str) -> list[Victim]:
-    """This user's processes carrying ``session_id``, with descendants."""
-    return _find(session_id, lambda rv: rv._session_uuid == session_id).get(session_id, [])
+def session_processes(session_id: str, target: Target | None = None) -> list[Victim]:
+    """This user's processes of session ``session_id``, with descendants."""
+    targets = {session_id: target} if target is not None else None
+    return _find(session_id, lambda rv: rv._session_uuid == session_id, targets).get(session_id, [])
 
 
-def sessions_processes(session_ids: set[str]) -> dict[str, list[Victim]]:
+def sessions_processes(targets: dict[str, Target]) -> dict[str, list[Victim]]:
     """Like :func:`session_processes` for many sessions in one scan."""
-    if len(session_ids) == 1:
-        (only,) = session_ids
-        return {only: session_processes(only)}
-    return _find(envelope._TRACTOR_RT_VARS_OSENV, lambda rv: rv._session_uuid in session_ids)
+    if len(targets) == 1:
+        ((only, target),) = targets.items()
+        return {only: session_processes(only, target)}
+    return _find(envelope._TRACTOR_RT_VARS_OSENV, lambda rv: rv._session_uuid in targets, targets)
 
 
 def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:

@@ -29,6 +29,7 @@ from tractor_session.wire import ProtocolError
 LEASE_ID_RE = re.compile(r"[0-9a-f]{12}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 Transport = Literal["tcp", "uds"]
+Net = Literal["host", "private"]
 
 
 class BadIdError(ValueError):
@@ -63,6 +64,9 @@ class LeaseRequest(Message, tag="lease"):
 
     ``holder_pid``: the process whose life bounds the lease; ``None`` binds it
     to this connection instead (the lease ends when the connection closes).
+    ``net``: ``"private"`` when the holder runs the session in a network
+    namespace of its own; a tcp session's registry is then tractor's
+    default address, which is the session's alone there.
     """
 
     transport: Transport = "tcp"
@@ -71,6 +75,7 @@ class LeaseRequest(Message, tag="lease"):
     reap: bool = True
     set_xdg: bool = True
     parent: str | None = None
+    net: Net = "host"
 
 
 class Release(Message, tag="release"):
@@ -117,6 +122,7 @@ class LeaseInfo(msgspec.Struct, forbid_unknown_fields=True):
     expires: float | None = None
     parent: str | None = None
     reap: bool = True
+    net: Net = "host"
 
 
 class Welcome(Message, tag="welcome"):

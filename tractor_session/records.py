@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 
 from tractor_session.paths import short_name
-from tractor_session.protocol import Transport
+from tractor_session.protocol import Net, Transport
 
 RECORD_NAME = ".tractor-session-lease"
 BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
@@ -46,6 +46,10 @@ class LeaseRecord(msgspec.Struct, forbid_unknown_fields=False):
     expires: float | None = None
     reap: bool = True
     parent: str | None = None
+    net: Net = "host"
+    # The session's private network namespace (its inode), once its holder
+    # has entered it: every process in it belongs to the session.
+    netns: int | None = None
 
 
 _encoder = msgspec.json.Encoder()

@@ -8,6 +8,12 @@ process is SIGKILLed the daemon sees the connection close and ends the
 session; CMD's pid is told to the daemon too (``bind``), so that a daemon
 restarted mid-run still knows what bounds the lease.
 
+Before CMD starts, this process becomes the session's subreaper, and with
+``--net private`` it enters a network of the session's own, which CMD
+inherits (:mod:`tractor_session.holder`).  If that cannot be done, CMD
+never runs: ``lease`` releases the lease, says why, and exits with
+:data:`SETUP_FAILED`.
+
 This is the hot path of every test run: the standard library only, the
 daemon spoken to in plain data, and ``posix_spawn`` rather than
 ``subprocess`` (which alone costs milliseconds to import).
@@ -27,6 +33,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROG = "tractor-session"
+SETUP_FAILED = 125
+"""``lease``'s exit status when the session could not be set up and CMD
+never ran (as ``docker run`` and ``env`` use it)."""
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -45,10 +54,20 @@ def _kernel_already_delivered(sig: int) -> bool:
 def run(request: dict[str, Any], command: list[str]) -> int:
     """Lease a session as ``request`` asks, run ``command`` in it, and
     return the exit status ``lease`` exits with."""
+    from tractor_session import holder
+
     conn = connect()
     lease, session_env = grant(conn, request)
     lease_id: str = lease["lease_id"]
     env = {**os.environ, **session_env}
+    holder.become_subreaper()
+    if request.get("net") == "private":
+        try:
+            holder.enter_private_network()
+        except holder.PrivateNetworkError as err:
+            release_plain(conn, lease_id)
+            print(f"{PROG}: {err}", file=sys.stderr)
+            return SETUP_FAILED
     child: list[int] = []  # the command's pid, once spawned
     early: list[int] = []  # signals that came before it was
 
@@ -91,7 +110,18 @@ def run(request: dict[str, Any], command: list[str]) -> int:
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
     if released is not None and (summary := _reap_summary(lease_id, released.get("reaped"))):
         print(summary, file=sys.stderr)
+    _collect_orphans()
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _collect_orphans() -> None:
+    """Wait for the session's orphans the daemon ended: as their subreaper
+    this process is their parent now, and they would stay zombies."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def _reap_summary(lease_id: str, reaped: object) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from tractor_session import procs
-from tractor_session.procs import Victim
+from tractor_session.procs import Target, Victim
 from tractor_session.protocol import Reaped
 
 # Each reap waits out a grace period in its own thread; many sessions may
@@ -40,16 +40,16 @@ class LeftoverScanner:
         self._lock = trio.Lock()
         self._batch = _ScanBatch()
 
-    async def find(self, session_id: str) -> list[Victim]:
+    async def find(self, session_id: str, target: Target) -> list[Victim]:
         batch = self._batch
-        batch.ids.add(session_id)
+        batch.targets[session_id] = target
         if not batch.started:
             batch.started = True
             try:
                 async with self._lock:
                     # From here on, new requests go to the next batch.
                     self._batch = _ScanBatch()
-                    batch.found = await trio.to_thread.run_sync(procs.sessions_processes, batch.ids)
+                    batch.found = await trio.to_thread.run_sync(procs.sessions_processes, batch.targets)
             except Exception as err:
                 batch.error = err
                 raise
@@ -63,7 +63,7 @@ class LeftoverScanner:
 
 @dataclass
 class _ScanBatch:
-    ids: set[str] = field(default_factory=set)
+    targets: dict[str, Target] = field(default_factory=dict)
     started: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     found: dict[str, list[Victim]] = field(default_factory=dict)

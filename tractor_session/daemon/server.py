@@ -205,9 +205,10 @@ class Server:
                 return Granted(lease.info(), lease.record.env)
             case Release(lease_id=lease_id):
                 lease = sessions.find(lease_id)
-                if lease in held:
+                by_holder = lease in held
+                if by_holder:
                     held.remove(lease)
-                return await sessions.release(lease, peer)
+                return await sessions.release(lease, peer, by_holder)
             case Renew(lease_id=lease_id, ttl=ttl):
                 return sessions.renew(sessions.find(lease_id), ttl)
             case Bind(lease_id=lease_id, pid=pid):

@@ -30,7 +30,7 @@ import msgspec
 import psutil
 import trio
 
-from tractor_session import gc, protocol
+from tractor_session import gc, holder, protocol
 from tractor_session.daemon import reaping
 from tractor_session.daemon.config import Config
 from tractor_session.daemon.holders import HolderKey, HolderWatches
@@ -38,7 +38,7 @@ from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
-from tractor_session.procs import is_alive, last_pid, start_time
+from tractor_session.procs import Target, is_alive, last_pid, start_time
 from tractor_session.protocol import (
     Bound,
     GcItem,
@@ -178,11 +178,17 @@ class Sessions:
             )
         return lease
 
-    async def release(self, lease: Lease, peer: Peer) -> Released:
+    async def release(self, lease: Lease, peer: Peer, by_holder: bool) -> Released:
+        """``by_holder``: the connection that holds the lease releases it.
+        When that is ``lease -- CMD`` (CMD ended), the releasing process is
+        the session's subreaper, and its descendants are the session's."""
         self.connected.discard(lease.lease_id)
         # The requester may itself run inside the session (a script that
         # leased with --export): it and its ancestors are spared.
-        reaped = await self.end_lease(lease, "released", released=True, spare=peer)
+        reaped = await self.end_lease(
+            lease, "released", released=True, spare=peer,
+            roots=frozenset([peer.pid]) if by_holder and lease.runs_command and peer.pid > 0 else frozenset(),
+        )
         return Released(lease.lease_id, reaped)
 
     def renew(self, lease: Lease, ttl: float | None) -> Renewed:
@@ -200,7 +206,11 @@ class Sessions:
         daemon restarted mid-run knows what bounds it."""
         start = self._check_holder(pid)
         old_key = self._holder_key(lease)
-        self.table.update(lease, holder_pid=pid, holder_start=start)
+        netns = lease.record.netns
+        if lease.record.net == "private" and (theirs := holder.network_namespace(pid)) != holder.network_namespace():
+            netns = theirs
+        self.table.update(lease, holder_pid=pid, holder_start=start, netns=netns)
+        lease.runs_command = lease.lease_id in self.connected
         self._untrack_holder(lease, old_key)
         self._track(lease)
         return Bound(lease.lease_id)
@@ -301,11 +311,17 @@ class Sessions:
             log.exception("could not end lease %s (%s); it stays live", short_name(lease.lease_id), reason)
 
     async def end_lease(
-        self, lease: Lease, reason: str, released: bool = False, spare: Peer | None = None
+        self,
+        lease: Lease,
+        reason: str,
+        released: bool = False,
+        spare: Peer | None = None,
+        roots: frozenset[int] = frozenset(),
     ) -> list[Reaped]:
         """End a lease: end its child leases, reap what its session left
-        running (but ``spare`` and its ancestors), then free its directory
-        and port.  Concurrent calls wait for the first one."""
+        running (with the descendants of ``roots``, but not ``spare`` and
+        its ancestors), then free its directory and port.  Concurrent calls
+        wait for the first one."""
         if lease.ended or self.stopping:
             return []
         if (done := self.ending.get(lease.lease_id)) is not None:
@@ -323,7 +339,7 @@ class Sessions:
                     for child in children:
                         nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
             if lease.record.reap and self._may_have_processes(lease):
-                reaped = await self._reap(lease.lease_id, spare)
+                reaped = await self._reap(lease, spare, roots)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
             self.table.end(lease)
@@ -354,10 +370,14 @@ class Sessions:
             return True
         return last_pid() != mark
 
-    async def _reap(self, session_id: str, spare: Peer | None = None) -> list[Reaped]:
+    async def _reap(self, lease: Lease, spare: Peer | None, roots: frozenset[int]) -> list[Reaped]:
         """End a session's leftover processes, but ``spare`` and its
         ancestors."""
-        victims = await self.scanner.find(session_id)
+        record = lease.record
+        if lease.runs_command and record.holder_pid and is_alive(record.holder_pid, record.holder_start):
+            # The command of a ``lease -- CMD`` whose lease process died.
+            roots |= {record.holder_pid}
+        victims = await self.scanner.find(lease.lease_id, Target(roots, record.netns))
         if victims and spare is not None:
             # Looked up only now: walking the ancestry costs, and most
             # sessions leave nothing to reap.

@@ -38,6 +38,9 @@ class LeaseError(RuntimeError):
 class Lease:
     record: LeaseRecord
     ended: bool = False
+    # Held by a ``lease -- CMD`` process of this daemon's, bound to CMD:
+    # that process is the session's subreaper, whose descendants it owns.
+    runs_command: bool = False
 
     @property
     def lease_id(self) -> str:
@@ -56,6 +59,7 @@ class Lease:
             expires=r.expires,
             parent=r.parent,
             reap=r.reap,
+            net=r.net,
         )
 
 
@@ -127,7 +131,7 @@ class LeaseTable:
                     f" {deepest} is {len(os.fsencode(deepest))} bytes. Use a shorter"
                     f" runtime root (set {envelope.ROOT_ENV}).",
                 )
-            if req.transport == "tcp":
+            if req.transport == "tcp" and req.net == "host":
                 try:
                     port = self.ports.take()
                 except PortPoolError as err:
@@ -140,7 +144,7 @@ class LeaseTable:
                 port=port,
                 env=envelope.session_env(
                     lease_id, bindspace, req.transport, port, control_socket=self._socket,
-                    root=self._root, reap=req.reap, set_xdg=req.set_xdg,
+                    root=self._root, reap=req.reap, set_xdg=req.set_xdg, net=req.net,
                 ),
                 created=now,
                 holder_pid=holder_pid,
@@ -149,6 +153,7 @@ class LeaseTable:
                 expires=now + req.ttl if req.ttl is not None else None,
                 reap=req.reap,
                 parent=req.parent,
+                net=req.net,
             )
             create_record(record)
         except BaseException as err:
