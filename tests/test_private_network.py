@@ -49,7 +49,9 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def test_private_sessions_each_own_tractors_default_registry(runtime: Runtime, daemon: subprocess.Popen[bytes], tmp_path: Path) -> None:
+def test_private_sessions_each_own_tractors_default_registry(
+    runtime: Runtime, daemon: subprocess.Popen[bytes], tmp_path: Path,
+) -> None:
     procs = [
         runtime.popen(
             [sys.executable, "-m", "tractor_session", "lease", "--net", "private", "--",
@@ -92,11 +94,11 @@ def test_the_host_network_is_the_default(runtime: Runtime, daemon: subprocess.Po
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
-def test_no_user_namespaces_fails_before_the_command_runs(runtime: Runtime, daemon: subprocess.Popen[bytes], tmp_path: Path) -> None:
+def test_no_user_namespaces_fails_before_the_command_runs(
+    runtime: Runtime, daemon: subprocess.Popen[bytes], tmp_path: Path,
+) -> None:
     marker = tmp_path / "ran"
-    script = (
-        "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\""
-    )
+    script = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"'
     done = subprocess.run(
         ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh",
          sys.executable, "-m", "tractor_session", "lease", "--net", "private", "--", "touch", str(marker)],
