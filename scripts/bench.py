@@ -310,6 +310,97 @@ def measure_cli(b: Bench, n: int) -> dict[str, float | str]:
     }
 
 
+def measure_net_private(b: Bench, n: int) -> dict[str, float]:
+    """What a private network adds to ``lease -- true``: the user and
+    network namespaces, the uid and gid maps, loopback up.  The two
+    commands alternate so that the machine's drift hits both."""
+
+    def timed(argv: list[str]) -> float:
+        t = time.perf_counter()
+        subprocess.run(argv, env=b.env, check=True)
+        return time.perf_counter() - t
+
+    script = shutil.which("tractor-session", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, "-m", "tractor_session"]
+    private = [*command, "lease", "--net", "private", "--", "true"]
+    host = [*command, "lease", "--", "true"]
+    for _ in range(5):
+        timed(private), timed(host)
+    theirs, ours = [], []
+    for _ in range(n):
+        theirs.append(timed(private))
+        ours.append(timed(host))
+    return {
+        "lease_net_private_true_median_ms": statistics.median(theirs) * 1e3,
+        "lease_host_true_median_ms": statistics.median(ours) * 1e3,
+        "net_private_extra_ms": (statistics.median(theirs) - statistics.median(ours)) * 1e3,
+    }
+
+
+TRACTOR_WORKLOAD = """
+import os
+
+import pytest
+import trio
+import tractor
+
+
+async def ping():
+    return os.getpid()
+
+
+@pytest.mark.parametrize("i", range(int(os.environ["TS_BENCH_TESTS"])))
+def test_tree(i):
+    async def main():
+        async with tractor.open_nursery() as nursery:
+            portal = await nursery.start_actor(f"sub{i}", enable_modules=[__name__])
+            assert await portal.run(ping) != os.getpid()
+            await portal.cancel_actor()
+
+    trio.run(main)
+"""
+
+
+def measure_tractor_runs(b: Bench, tractor_python: str, tests: int) -> dict[str, float]:
+    """A real tractor workload (``tests`` tests, each a root actor on
+    tractor's TCP defaults and a subactor) under ``pytest --tractor-session
+    --tractor-session-net private``: one run alone, then two at once; wall
+    times and failures."""
+    project = Path(tempfile.mkdtemp(prefix="ts-bench-tractor-"))
+    (project / "test_workload.py").write_text(TRACTOR_WORKLOAD)
+    env = {**b.env, "TS_BENCH_TESTS": str(tests), "PYTHONWARNINGS": "ignore"}
+    env.pop("XDG_RUNTIME_DIR", None)
+    command = [tractor_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tractor-session",
+               "--tractor-session-net", "private", "test_workload.py"]
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def failures(proc: subprocess.Popen[str]) -> int:
+        out, _ = proc.communicate(timeout=600)
+        words = out.split()
+        passed = next((int(w) for w, nxt in zip(words, words[1:], strict=False) if nxt.startswith("passed")), 0)
+        return tests - passed if proc.returncode == 0 else max(1, tests - passed)
+
+    try:
+        t = time.perf_counter()
+        alone = failures(start())
+        alone_s = time.perf_counter() - t
+        t = time.perf_counter()
+        pair = [start(), start()]
+        together = sum(failures(p) for p in pair)
+        together_s = time.perf_counter() - t
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    return {
+        "tractor_tests_per_run": tests,
+        "tractor_one_run_s": alone_s,
+        "tractor_two_runs_at_once_s": together_s,
+        "tractor_one_run_failures": alone,
+        "tractor_two_runs_failures": together,
+    }
+
+
 def measure_plugin_import(b: Bench, n: int) -> dict[str, float]:
     """What the inert pytest plugin costs every pytest start (and every
     xdist worker): ``pytest --co -q`` on an empty project with the plugin
@@ -467,6 +558,9 @@ TARGETS = {
     "rss_per_lease_kib": ("<=", 4.0),
     "fds_per_lease": ("<=", 2.0),
     "plugin_inert_cost_ms": ("<=", 1.0),
+    "net_private_extra_ms": ("<=", 10.0),
+    "tractor_one_run_failures": ("<=", 0),
+    "tractor_two_runs_failures": ("<=", 0),
     "plugin_import_ms": ("<=", 1.0),
 }
 
@@ -483,6 +577,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts; under a minute")
     parser.add_argument("--json", metavar="PATH", default="bench-results.json", help="where to write the figures")
+    parser.add_argument(
+        "--tractor-python", metavar="PATH", default=str(Path(__file__).resolve().parent.parent / ".venv-tractor/bin/python"),
+        help="an interpreter with real tractor and this package, for the tractor workload"
+        " (default: .venv-tractor/bin/python; the full run skips the workload without one)",
+    )
     args = parser.parse_args()
     q = args.quick
     # Byte-compile the package first, as an installed one is: with
@@ -509,6 +608,7 @@ def main() -> int:
         ("memory and fds", lambda b: measure_memory(b, 1000 if q else 10000)),
         ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
         ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),
+        ("lease --net private", lambda b: measure_net_private(b, 10 if q else 100)),
     ]
     for name, step in steps:
         with bench_env(q) as b:
@@ -516,6 +616,14 @@ def main() -> int:
             t = time.perf_counter()
             figures.update(step(b))
             print(f"# {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if not q and os.path.exists(args.tractor_python):
+        with bench_env(q) as b:
+            b.start_daemon()
+            t = time.perf_counter()
+            figures.update(measure_tractor_runs(b, args.tractor_python, 24))
+            print(f"# real tractor runs: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    elif not q:
+        print(f"# real tractor runs: skipped, no interpreter at {args.tractor_python}", file=sys.stderr)
     width = max(map(len, figures))
     print(f"{'figure':{width}}  {'value':>12}  verdict")
     for key, value in figures.items():
