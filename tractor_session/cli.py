@@ -223,11 +223,34 @@ def _positive(convert: type[int] | type[float], zero: bool = False) -> Callable[
 # -- parser ---------------------------------------------------------------------
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, told the terminal's width: without it, every
+    ``add_argument`` (argparse formats each one to check it) imports
+    ``shutil``, and with it bz2, lzma and zlib, milliseconds on the hot
+    path of every test run, to ask what ``os`` answers."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None) -> None:
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+    except (OSError, ValueError):
+        return 80
+
+
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser; with only the subcommand ``argv`` names, when it names
     one: building all of them costs ~10 ms, on the hot path of every test
     run (argparse looks up translations for each)."""
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _Formatter
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=fmt,
