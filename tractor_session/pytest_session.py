@@ -3,6 +3,7 @@
 :mod:`tractor_session.pytest_plugin` is the inert entry point; it imports
 this module only when a run is active (``--tractor-session``, the ini
 setting, or a fixture), and registers :class:`RunSession` as a plugin.
+
 **How the pytest process gets inside its session.**  tractor computes its
 socket directory once, when ``tractor`` is imported, from
 ``XDG_RUNTIME_DIR``; by the time any plugin hook runs, tractor's own pytest
