@@ -479,3 +479,72 @@ def test_daemon_started_by_a_run_with_tractors_plugin_survives_it(
     wait_for(lambda: no_session_left(runtime), what="the run's lease to end")
     status = runtime.cli("status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["leases"] == [], status
+
+
+# -- a test that leaks a tractor tree ---------------------------------------------------
+
+LEAKING_TREE_TESTS = '''
+import json
+import os
+import subprocess
+import sys
+import time
+
+TREE = os.environ["TS_TREE"]
+OUT = os.path.join(os.path.dirname(__file__), "out")
+
+
+def start_tree(name):
+    """An actor tree (root and subactor) on uds, as a test's helper script."""
+    report = os.path.join(OUT, f"{name}.json")
+    proc = subprocess.Popen([sys.executable, TREE, name, report], stdin=subprocess.PIPE,
+                            env={**os.environ, "TREE_TPT": "uds"})
+    deadline = time.monotonic() + 60
+    while not os.path.exists(report):
+        assert proc.poll() is None and time.monotonic() < deadline, "the tree did not come up"
+        time.sleep(0.02)
+    return proc, json.load(open(report))
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def test_1_leaks_a_tree():
+    start_tree("first")   # returns with the tree still up
+
+
+def test_2_runs_after_it():
+    first = json.load(open(os.path.join(OUT, "first.json")))
+    assert not alive(first["pid"]) and not alive(first["sub_pid"])
+    proc, _ = start_tree("second")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+'''
+
+
+def test_a_test_that_leaks_a_tree_is_named_and_the_next_passes(
+    runtime: Runtime, tpy: str, env: dict[str, str], tmp_path: Path,
+) -> None:
+    (tmp_path / "test_leaking.py").write_text(LEAKING_TREE_TESTS)
+    (tmp_path / "out").mkdir()
+    done = subprocess.run(
+        [tpy, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--tractor-session",
+         "--tractor-session-transport", "uds", "--tractor-session-leaks-json", str(tmp_path / "leaks.json"),
+         "test_leaking.py"],
+        env={**env, "TS_TREE": str(TREE)}, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )
+    first = read_json(tmp_path / "out" / "first.json")
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 passed" in done.stdout
+        (leftover,) = json.loads((tmp_path / "leaks.json").read_text())
+        assert leftover["nodeid"] == "test_leaking.py::test_1_leaks_a_tree"
+        assert {first["pid"], first["sub_pid"]} <= {p["pid"] for p in leftover["processes"]}
+        assert "test_leaking.py::test_1_leaks_a_tree" in done.stdout
+    finally:
+        end_all([first["pid"], first["sub_pid"]] if first else [])

@@ -10,6 +10,7 @@ client's typed replies.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -25,9 +26,9 @@ TYPE_CHECKING = False  # see client.py
 if TYPE_CHECKING:
     from typing import Any
 
-    from tractor_session.protocol import LeaseInfo
 
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    from argparse import _FormatterClass as _Format
 
 PROG = "tractor-session"
 
@@ -101,16 +102,7 @@ def _lease_export(args: argparse.Namespace) -> int:
 
 def _age(created: float) -> str:
     seconds = max(0, int(time.time() - created))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
-
-
-def _addr(info: LeaseInfo) -> str:
-    host, port = info.registry_addr
-    return f"{host}:{port}" if info.transport == "tcp" else f"{host}/{port}"
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -125,8 +117,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for info in sorted(status.leases, key=lambda i: i.created):
             holder = str(info.holder_pid) if info.holder_pid else "-"
             parent = f"  (of {short_name(info.parent)})" if info.parent else ""
+            registry = envelope.show_registry(info.transport, info.registry_addr)
             print(
-                f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {info.net:7}  {_addr(info):24}"
+                f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {info.net:7}  {registry:24}"
                 f"  {info.bindspace}{parent}"
             )
     return 0
@@ -223,19 +216,11 @@ def _positive(convert: type[int] | type[float], zero: bool = False) -> Callable[
 # -- parser ---------------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter, told the terminal's width: without it, every
-    ``add_argument`` (argparse formats each one to check it) imports
-    ``shutil``, and with it bz2, lzma and zlib, milliseconds on the hot
-    path of every test run, to ask what ``os`` answers."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None) -> None:
-        if width is None:
-            width = _terminal_columns() - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
 def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size`` answers, told to argparse's
+    formatter: otherwise every ``add_argument`` (argparse formats each one
+    to check it) imports ``shutil``, and with it bz2, lzma and zlib,
+    milliseconds on the hot path of every test run."""
     try:
         return int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
@@ -250,7 +235,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser; with only the subcommand ``argv`` names, when it names
     one: building all of them costs ~10 ms, on the hot path of every test
     run (argparse looks up translations for each)."""
-    fmt = _Formatter
+    fmt = functools.partial(argparse.RawDescriptionHelpFormatter, width=_terminal_columns() - 2)
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=fmt,
@@ -268,7 +253,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_lease(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_lease(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "lease", formatter_class=fmt,
         help="run a command in a new session (or print one with --export)",
@@ -306,7 +291,7 @@ def _add_lease(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_lease)
 
 
-def _add_status(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_status(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "status", formatter_class=fmt, help="list the live leases",
         description="List every live lease: id, holder pid, age, network (host, or a private\n"
@@ -317,7 +302,7 @@ def _add_status(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_status)
 
 
-def _add_release(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_release(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "release", formatter_class=fmt, help="end a lease by id",
         description="End a lease now: reap its leftover processes, remove its bindspace, free its port.",
@@ -327,7 +312,7 @@ def _add_release(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_release)
 
 
-def _add_renew(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_renew(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "renew", formatter_class=fmt, help="extend a --ttl lease",
         description="Push a time-limited lease's expiry SECONDS into the future.",
@@ -338,7 +323,7 @@ def _add_renew(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_renew)
 
 
-def _add_gc(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_gc(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "gc", formatter_class=fmt, help="remove what dead sessions left behind",
         description="Remove stale bindspaces (their holder is dead, or they have no lease\n"
@@ -355,7 +340,7 @@ def _add_gc(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_gc)
 
 
-def _add_serve(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_serve(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "serve", formatter_class=fmt, help="run the daemon in the foreground",
         description="Run the per-user daemon in the foreground. Clients start one on demand,\n"
@@ -386,7 +371,7 @@ def _add_serve(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _add_systemd(sub: _Subparsers, fmt: type[argparse.HelpFormatter]) -> None:
+def _add_systemd(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "systemd", formatter_class=fmt, help="install the daemon as a systemd user service",
         description="install: write tractor-session.socket and .service into\n"

@@ -47,8 +47,16 @@ ROOT_ENV = "TRACTOR_SESSION_ROOT"
 """Also read outside sessions: it overrides the runtime root."""
 SESSION_ID_ENV = "TRACTOR_SESSION_ID"
 SESSION_NET_ENV = "TRACTOR_SESSION_NET"
+SUBREAPER_ENV = "TRACTOR_SESSION_SUBREAPER"
+"""Set by ``lease -- CMD`` for CMD: its own pid, where the session's
+orphaned processes land (it is their subreaper)."""
+SCOPE_ENV = "TRACTOR_SESSION_SCOPE"
+"""Set by the pytest plugin during each test: the test's node id, which
+everything the test starts inherits."""
 
-SESSION_VARS = (_TRACTOR_RT_VARS_OSENV, XDG_ENV, SOCKET_ENV, ROOT_ENV, SESSION_ID_ENV, SESSION_NET_ENV)
+SESSION_VARS = (
+    _TRACTOR_RT_VARS_OSENV, XDG_ENV, SOCKET_ENV, ROOT_ENV, SESSION_ID_ENV, SESSION_NET_ENV, SUBREAPER_ENV, SCOPE_ENV,
+)
 """Every variable a session may set."""
 
 NO_REAP_KEY = "_tractor_session_no_reap"
@@ -89,6 +97,11 @@ def registry_addr(transport: Transport, bindspace: str, port: int | None) -> tup
     if port is None:
         return TRACTOR_DEFAULT_REGISTRY
     return ("127.0.0.1", port)
+
+
+def show_registry(transport: str, addr: tuple[str, int | str]) -> str:
+    """A registry address as people write it: ``host:port`` or ``dir/file``."""
+    return f"{addr[0]}:{addr[1]}" if transport == "tcp" else f"{addr[0]}/{addr[1]}"
 
 
 def session_env(

@@ -90,7 +90,7 @@ def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float)
     return None
 
 
-def _socket_listened_on(path: Path) -> bool:
+def socket_listened_on(path: Path) -> bool:
     """Only a refused connect proves nobody listens; any other failure
     (a full backlog, no permission, ...) keeps the socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -107,7 +107,7 @@ def _socket_listened_on(path: Path) -> bool:
 def _socket_verdict(path: Path) -> str | None:
     from tractor_session.procs import is_alive
 
-    if _socket_listened_on(path):
+    if socket_listened_on(path):
         return None
     # tractor names actor sockets <name>@<pid>.sock; registry@<port>.sock
     # carries a port, not a pid.
@@ -196,7 +196,7 @@ def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
                 os.unlink(path)
             elif stat.S_ISSOCK(st.st_mode):
                 # Checked again: someone may have bound it since the scan.
-                if _socket_listened_on(path):
+                if socket_listened_on(path):
                     continue
                 os.unlink(path)
             else:

@@ -194,6 +194,42 @@ def _psutil_marked(match: Match) -> dict[int, str]:
     return found
 
 
+def _children(pid: int) -> list[int]:
+    """``pid``'s children: on Linux from its threads' ``children`` files,
+    a few reads rather than a walk of every process."""
+    if HAVE_PROC_STAT:
+        kids: list[int] = []
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                kids += map(int, _read_small(f"/proc/{pid}/task/{tid}/children").split())
+        except (OSError, ValueError):
+            pass
+        return kids
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+def subtree(pid: int, skip: frozenset[int] = frozenset()) -> dict[int, float]:
+    """``pid``'s live descendants (not ``pid``, nor ``skip`` and what is
+    below it), each with its start time, so that a reused pid is told
+    apart later."""
+    found: dict[int, float] = {}
+    todo = [c for c in _children(pid) if c not in skip]
+    while todo:
+        child = todo.pop()
+        try:
+            start = start_time(child)
+        except OSError:
+            continue
+        if start is None or child in found:
+            continue
+        found[child] = start
+        todo += [c for c in _children(child) if c not in skip]
+    return found
+
+
 def _children_by_parent() -> dict[int, list[int]]:
     """Every process's children, from one pass over the process table
     (a walk per marked process would make a scan quadratic)."""

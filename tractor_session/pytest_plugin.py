@@ -37,6 +37,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         " tractor's default registry 127.0.0.1:1616 is the session's alone; services on the"
         " host's loopback are then out of reach (default: host, or the ini setting)",
     )
+    group.addoption(
+        "--tractor-session-leaks", choices=("report", "reap", "fail"), dest="tractor_session_leaks",
+        help="what to do with what a test leaves behind (processes it started, socket files nobody"
+        " listens on): report it, reap it (the default), or reap it and make the test error in teardown",
+    )
+    group.addoption(
+        "--tractor-session-leaks-json", metavar="PATH", dest="tractor_session_leaks_json",
+        help="also write the leftovers, by test, as JSON to PATH (for CI)",
+    )
     parser.addini("tractor_session", "run the tests in a private tractor session", type="bool", default=False)
     parser.addini("tractor_session_net", "the session's network: host or private", default="host")
 

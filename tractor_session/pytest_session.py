@@ -148,10 +148,14 @@ class RunSession:
     # -- hooks (this object is registered as a plugin) ----------------------
 
     def start(self) -> None:
-        """An active run: take (or take over) its session now."""
+        """An active run: take (or take over) its session now, and track
+        what each test leaves in it."""
+        from tractor_session import pytest_leaks
+
         lease = self.ensure()
         if lease.inherited:
             _check_inherited(self, lease)
+        self.config.pluginmanager.register(pytest_leaks.tracker(self.config, lease.bindspace), "tractor_session.leaks")
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_setupnodes(self, config: pytest.Config, specs: list[Any]) -> None:
@@ -174,11 +178,11 @@ class RunSession:
     def pytest_report_header(self) -> list[str]:
         if self.lease is None:
             return []
+        from tractor_session.envelope import show_registry
         from tractor_session.paths import short_name
 
         lease = self.lease
-        host, port = lease.registry_addr
-        registry = f"{host}:{port}" if lease.transport == "tcp" else f"{host}/{port}"
+        registry = show_registry(lease.transport, lease.registry_addr)
         return [
             f"tractor-session: session {short_name(lease.lease_id)} ({lease.transport}, {lease.net} network),"
             f" registry {registry}, bindspace {lease.bindspace}",

@@ -26,6 +26,7 @@ import signal
 import sys
 
 from tractor_session.client import ClientError, connect, grant, release_plain
+from tractor_session.envelope import SUBREAPER_ENV
 from tractor_session.paths import short_name
 
 TYPE_CHECKING = False  # see client.py
@@ -59,7 +60,7 @@ def run(request: dict[str, Any], command: list[str]) -> int:
     conn = connect()
     lease, session_env = grant(conn, request)
     lease_id: str = lease["lease_id"]
-    env = {**os.environ, **session_env}
+    env = {**os.environ, **session_env, SUBREAPER_ENV: str(os.getpid())}
     holder.become_subreaper()
     if request.get("net") == "private":
         try:
