@@ -337,6 +337,41 @@ def measure_net_private(b: Bench, n: int) -> dict[str, float]:
     }
 
 
+def measure_per_test_cost(b: Bench, tests: int, runs: int) -> dict[str, float]:
+    """What an active plugin costs per test: a file of ``tests`` trivial
+    tests run with ``--tractor-session`` (each test its own scope, checked
+    for leftovers) and without the plugin, alternating.  The difference
+    includes the run's own start-up inside its session, spread over the
+    tests."""
+    project = Path(tempfile.mkdtemp(prefix="ts-bench-tests-"))
+    (project / "test_trivial.py").write_text(
+        f"import pytest\n\n\n@pytest.mark.parametrize('i', range({tests}))\ndef test_trivial(i):\n    pass\n"
+    )
+
+    def timed(*extra: str) -> float:
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, "test_trivial.py"],
+            cwd=project, env=b.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+        )
+        return time.perf_counter() - t
+
+    try:
+        timed("--tractor-session"), timed("-p", "no:tractor_session")
+        with_plugin, without = [], []
+        for _ in range(runs):
+            with_plugin.append(timed("--tractor-session"))
+            without.append(timed("-p", "no:tractor_session"))
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    return {
+        "plugin_run_tests": tests,
+        "plugin_run_with_median_s": statistics.median(with_plugin),
+        "plugin_run_without_median_s": statistics.median(without),
+        "plugin_per_test_ms": (statistics.median(with_plugin) - statistics.median(without)) / tests * 1e3,
+    }
+
+
 TRACTOR_WORKLOAD = """
 import os
 
@@ -559,6 +594,7 @@ TARGETS = {
     "fds_per_lease": ("<=", 2.0),
     "plugin_inert_cost_ms": ("<=", 1.0),
     "net_private_extra_ms": ("<=", 10.0),
+    "plugin_per_test_ms": ("<=", 2.0),
     "tractor_one_run_failures": ("<=", 0),
     "tractor_two_runs_failures": ("<=", 0),
     "plugin_import_ms": ("<=", 1.0),
@@ -609,6 +645,7 @@ def main() -> int:
         ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
         ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),
         ("lease --net private", lambda b: measure_net_private(b, 10 if q else 100)),
+        ("plugin per test", lambda b: measure_per_test_cost(b, 500, 2 if q else 10)),
     ]
     for name, step in steps:
         with bench_env(q) as b:
