@@ -20,14 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tractor_session.envelope import (
+    _TRACTOR_RT_VARS_OSENV,
     MAX_DEPTH,
     MAX_ENVELOPE_BYTES,
     EnvelopeError,
     RuntimeVars,
-    _TRACTOR_RT_VARS_OSENV,
     dump_rtvars,
-    load_rtvars,
     get_rtvars,
+    load_rtvars,
     update_rtvars,
 )
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, Runtime, wait_for
+from conftest import DEADLINE, Runtime, stop, wait_for
 
 import tractor_session
 from tractor_session import client, paths, protocol, wire
@@ -215,11 +215,6 @@ def spawn_daemon(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
             pass_fds=() if fd3 is None else (fd3,),
         )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=DEADLINE)
 
 
 def hello_gets_no_answer(path: Path, timeout: float = 1.0) -> bool:

@@ -24,8 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-
-from conftest import Runtime, kill_tree, pid_alive, wait_for
+from conftest import Runtime, kill_tree, pid_alive, status_json, wait_for
 
 pytest_plugins = ["pytester"]
 
@@ -126,7 +125,9 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=RUN_TIMEOUT)
 
 
-def start(pytester: pytest.Pytester, runtime: Runtime, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(
+    pytester: pytest.Pytester, runtime: Runtime, *args: str, env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start an inner pytest run without waiting for it (killed at teardown)."""
     return runtime.popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
@@ -144,16 +145,10 @@ def finish(proc: subprocess.Popen[bytes]) -> pytest.RunResult:
     )
 
 
-def status(runtime: Runtime) -> dict[str, Any]:
-    proc = runtime.cli("status", "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def assert_all_released(runtime: Runtime, daemon: subprocess.Popen[bytes] | None = None) -> None:
     """No lease left in the daemon and no bindspace left on disk (and, given
     the daemon the test started, no other daemon answered instead)."""
-    now = status(runtime)
+    now = status_json(runtime)
     assert now["leases"] == []
     assert runtime.bindspaces() == []
     if daemon is not None:
@@ -310,7 +305,9 @@ def test_worker_lease(i, tractor_session_lease):
 '''
 
 
-def test_xdist_gives_every_worker_its_own_lease(inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes]) -> None:
+def test_xdist_gives_every_worker_its_own_lease(
+    inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes],
+) -> None:
     inner.makepyfile(test_xdist=XDIST_TEST)
     proc = start(inner, runtime, "-n", "4", "--tractor-session", "test_xdist.py")
     result = finish(proc)
@@ -399,7 +396,9 @@ def test_3_steady(tractor_session_lease):
 '''
 
 
-def test_killed_worker_loses_its_lease_and_others_carry_on(inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes]) -> None:
+def test_killed_worker_loses_its_lease_and_others_carry_on(
+    inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes],
+) -> None:
     inner.makepyfile(test_crash=CRASH_TEST)
     proc = start(inner, runtime, "-n", "2", "--tractor-session", "test_crash.py")
     result = finish(proc)
@@ -456,7 +455,9 @@ def test_leaves_things_behind(tractor_session_lease):
 '''
 
 
-def test_leak_report_lists_leftovers_and_the_session_end_removes_them(inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes]) -> None:
+def test_leak_report_lists_leftovers_and_the_session_end_removes_them(
+    inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes],
+) -> None:
     inner.makepyfile(test_leak=LEAK_TEST)
     leak: dict[str, Any] | None = None
     try:
@@ -500,7 +501,9 @@ def test_inherited(tractor_session_lease, tractor_session_reg_addr):
 '''
 
 
-def test_run_under_cli_lease_takes_no_second_lease(inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes]) -> None:
+def test_run_under_cli_lease_takes_no_second_lease(
+    inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes],
+) -> None:
     inner.makepyfile(test_inherit=INHERIT_TEST)
     proc = runtime.cli(
         "lease", "--", sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tractor-session", "test_inherit.py",
@@ -619,7 +622,9 @@ def test_tractor_plugin_names_do_not_clash(inner: pytest.Pytester, runtime: Runt
     pytest.param(TPT_PROTO_LEGACY, id="legacy-str"),
     pytest.param(TPT_PROTO_MAIN, id="tractor-main-list"),
 ])
-def test_lease_follows_tractors_tpt_proto(inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes], tpt_proto: str) -> None:
+def test_lease_follows_tractors_tpt_proto(
+    inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes], tpt_proto: str,
+) -> None:
     inner.makeconftest(STANDIN.format(tpt_proto=tpt_proto))
     inner.makepyfile(test_coexist=COEXIST_TEST)
     result = run(inner, "--tractor-session", *TRACTOR_OPTIONS, "--tpt-proto=uds", "test_coexist.py")

@@ -1,5 +1,7 @@
-"""Garbage collection (issue 4): stale bindspaces, dead sockets in the shared
-default bindspace, leftover processes of dead sessions, and the safety rules.
+"""Garbage collection is safe (issue 4): it removes stale bindspaces, dead
+sockets in the shared default bindspace and leftover processes of dead
+sessions, and never a live lease (not while a lease is being granted, not
+while no daemon runs), nothing outside the root, nothing not ours.
 
 Every case is built for real in the test's private runtime root (real dead
 pids, real listening and non-listening unix sockets, real symlinks, real
@@ -26,6 +28,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +36,21 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DEADLINE, Runtime, pid_alive, wait_for
+from conftest import (
+    DEADLINE,
+    IS_ROOT,
+    NOBODY,
+    QUICK_REAP,
+    SLEEP,
+    Runtime,
+    dead_pid,
+    export_lease,
+    lease_env,
+    live_leases,
+    pid_alive,
+    stop,
+    wait_for,
+)
 
 from tractor_session import client
 from tractor_session.envelope import RuntimeVars, dump_rtvars, load_rtvars
@@ -41,8 +58,6 @@ from tractor_session.records import RECORD_NAME, LeaseRecord, write_record
 
 MODES = ("direct", "daemon", "sweep")
 STALE = 10**6  # seconds: older than any grace used in these tests
-OTHER_UID = 65534  # nobody
-IS_ROOT = os.getuid() == 0
 
 # -- building blocks -------------------------------------------------------------
 
@@ -56,16 +71,6 @@ def _default_sigint() -> None:
 def sleeper(rt: Runtime, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen[bytes]:
     """A live process (killed at teardown)."""
     return rt.popen(["sleep", "300"], env=env, preexec_fn=_default_sigint, **kw)
-
-
-def dead_pid() -> tuple[int, float]:
-    """The pid and start time of a process that has really exited."""
-    proc = subprocess.Popen(["sleep", "300"])
-    start = psutil.Process(proc.pid).create_time()
-    proc.kill()
-    proc.wait()
-    assert not pid_alive(proc.pid)
-    return proc.pid, start
 
 
 def ensure_root(rt: Runtime) -> Path:
@@ -132,7 +137,7 @@ def listen(runtime: Runtime):
         sock.close()
 
 
-def session_env(rt: Runtime, bindspace: str) -> tuple[str, dict[str, str]]:
+def envelope_env(rt: Runtime, bindspace: str) -> tuple[str, dict[str, str]]:
     """A fresh session id and an environment carrying its envelope, with
     ``bindspace`` as the session's directory."""
     sid = str(uuid.uuid4())
@@ -166,11 +171,6 @@ def start_quiet_daemon(rt: Runtime) -> subprocess.Popen[bytes]:
     daemon = rt.start_daemon("--gc-interval", "3600", "--reap-grace", "1")
     wait_for(lambda: not os.path.lexists(canary), what="the daemon's start-up sweep")
     return daemon
-
-
-def stop(daemon: subprocess.Popen[bytes]) -> None:
-    daemon.terminate()
-    daemon.wait(timeout=DEADLINE)
 
 
 class Gc:
@@ -372,6 +372,29 @@ def test_restarted_daemon_start_up_sweep_keeps_live_leases(runtime: Runtime) -> 
     assert pid_alive(member.pid)
 
 
+def test_gc_while_no_daemon_runs_spares_live_sessions(runtime: Runtime) -> None:
+    """Between a clean stop and the next daemon, the leases live on disk
+    only: `gc` (which then works directly) must not take them for garbage."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid)
+    bindspace = Path(lease["bindspace"])
+    inside = runtime.popen([sys.executable, "-c", SLEEP], env=lease_env(runtime, lease),
+                           start_new_session=True, stdin=subprocess.DEVNULL)
+    wait_for(lambda: "_TRACTOR_RT_VARS" in psutil.Process(inside.pid).environ(),
+             what="the session's process to run with its envelope")
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=DEADLINE) == 0
+
+    r = runtime.cli("gc", "--grace", "0")
+    assert r.returncode == 0, r.stderr
+    assert bindspace.is_dir(), f"gc removed a live session: {r.stdout}"
+    assert pid_alive(inside.pid), "gc reaped a live session's process"
+
+    runtime.start_daemon(*QUICK_REAP)
+    assert lease["lease_id"] in live_leases(runtime)
+
+
 # -- 2. sockets in the shared default bindspace ------------------------------------
 
 
@@ -413,19 +436,19 @@ def test_processes_of_dead_sessions_are_reaped(runtime: Runtime, mode: str) -> N
     # Sessions of other roots are another daemon's business, including a
     # root whose path merely starts with ours.
     other_root = runtime.base / "other" / "tractor"
-    _, foreign_env = session_env(runtime, str(other_root / hex12()))
+    _, foreign_env = envelope_env(runtime, str(other_root / hex12()))
     foreign = sleeper(runtime, env=foreign_env)
-    _, prefix_env = session_env(runtime, f"{runtime.root}x/{hex12()}")
+    _, prefix_env = envelope_env(runtime, f"{runtime.root}x/{hex12()}")
     prefixed = sleeper(runtime, env=prefix_env)
     # ... and one whose path is shorter than our root's.
-    _, shallow_env = session_env(runtime, str(runtime.base / hex12()))
+    _, shallow_env = envelope_env(runtime, str(runtime.base / hex12()))
     shallow = sleeper(runtime, env=shallow_env)
     # An envelope that does not parse names no session.
     garbled = sleeper(runtime, env={**runtime.env, "_TRACTOR_RT_VARS": "{'_session_uuid': oops"})
     survivors = [foreign, prefixed, shallow, garbled]
     if IS_ROOT:
         # Another user's process, even one carrying a dead session of ours.
-        survivors.append(sleeper(runtime, env=dead_session_env(runtime), user=OTHER_UID, group=OTHER_UID))
+        survivors.append(sleeper(runtime, env=dead_session_env(runtime), user=NOBODY, group=NOBODY))
 
     gc.run()
 
@@ -479,7 +502,7 @@ def test_safety(runtime: Runtime, mode: str) -> None:
             sock.bind(os.fspath(stage(runtime) / f"actor@{pid}.sock"))
         os.symlink(home, stage(runtime) / (link_name := hex12()))
         for name in (theirs.name, f"actor@{pid}.sock", link_name):
-            os.lchown(stage(runtime) / name, OTHER_UID, OTHER_UID)
+            os.lchown(stage(runtime) / name, NOBODY, NOBODY)
             os.rename(stage(runtime) / name, root / name)
             kept.append(age(root / name, STALE))
 

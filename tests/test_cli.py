@@ -1,0 +1,239 @@
+"""The command line: ``lease -- CMD`` passes CMD's exit status through (126
+and 127 when it cannot run, 128+N when a signal ends it) and passes
+signals on, even without a stdin; ``release`` and ``status`` say clearly
+what they did or why not; every subcommand's help has an example; and
+``lease`` stays light to start (it runs before every test run).
+
+Real ``python -m tractor_session`` processes against a real daemon, real
+signals; nothing of ours is mocked.  Every wait is a deadline-bounded
+``wait_for``.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import (
+    CLI,
+    DEADLINE,
+    UDS_REGISTRY_NAME,
+    PortPool,
+    Runtime,
+    export_lease,
+    status_json,
+    stop_autostarted_daemon,
+    wait_for,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+
+# -- exit status and signals ------------------------------------------------------------
+
+# Installs handlers for INT, TERM and HUP that record the signal and exit
+# 40+N; argv: OUT READY.
+ON_SIGNAL = r"""
+import os, signal, sys
+out, ready = sys.argv[1], sys.argv[2]
+def handler(signum, frame):
+    with open(out, "a") as f:
+        f.write(f"{signum}\n")
+    os._exit(40 + signum)
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, handler)
+open(ready, "w").close()
+while True:
+    signal.pause()
+"""
+
+
+def signal_caught(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_exit_status_passes_through(runtime: Runtime, daemon) -> None:
+    for script, expected in [
+        ("exit 0", 0),
+        ("exit 7", 7),
+        ("exit 255", 255),
+        ("kill -TERM $$", 128 + signal.SIGTERM),
+        ("kill -KILL $$", 128 + signal.SIGKILL),
+    ]:
+        res = runtime.cli("lease", "--", "sh", "-c", script)
+        assert res.returncode == expected, (script, res.stderr)
+        assert runtime.bindspaces() == [], script
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_signals_to_the_cli_are_passed_on_to_the_command(runtime: Runtime, daemon, sig: signal.Signals) -> None:
+    out, ready = runtime.base / "signal", runtime.base / "ready"
+    cli = runtime.popen(
+        [*CLI, "lease", "--", sys.executable, "-c", ON_SIGNAL, str(out), str(ready)],
+        stdin=subprocess.DEVNULL,
+    )
+    wait_for(lambda: ready.exists() or cli.poll() is not None, what="the command's handlers")
+    assert cli.poll() is None
+    # The CLI installs its forwarding handlers right after starting CMD;
+    # SIGHUP's is the last one.
+    wait_for(lambda: signal_caught(cli.pid, signal.SIGHUP), what="the CLI's signal handlers")
+    assert len(runtime.bindspaces()) == 1
+
+    cli.send_signal(sig)
+    assert cli.wait(timeout=DEADLINE) == 40 + sig  # CMD's own exit status
+    assert out.read_text() == f"{int(sig)}\n"  # delivered exactly once
+    assert runtime.bindspaces() == []
+
+
+def test_sigint_is_passed_on_when_the_cli_has_no_stdin(runtime: Runtime, daemon) -> None:
+    out, ready = runtime.base / "signal", runtime.base / "ready"
+    # `exec 0<&-`: the CLI starts with fd 0 closed (as under some
+    # supervisors), so Python sets sys.stdin to None.
+    cli = runtime.popen(
+        ["sh", "-c", 'exec 0<&-; exec "$@"', "sh",
+         *CLI, "lease", "--", sys.executable, "-c", ON_SIGNAL, str(out), str(ready)],
+        stderr=subprocess.PIPE,
+    )
+    wait_for(lambda: ready.exists() or cli.poll() is not None, what="the command's handlers")
+    assert cli.poll() is None
+    wait_for(lambda: signal_caught(cli.pid, signal.SIGHUP), what="the CLI's signal handlers")
+    cli.send_signal(signal.SIGINT)
+    code = cli.wait(timeout=DEADLINE)
+    assert cli.stderr is not None
+    stderr = cli.stderr.read().decode()
+    assert "Traceback" not in stderr, stderr
+    assert code == 40 + signal.SIGINT, stderr
+
+
+def test_command_not_found_exits_127_and_leaves_no_lease(runtime: Runtime, daemon) -> None:
+    missing = f"no-such-command-{uuid.uuid4().hex[:8]}"
+    res = runtime.cli("lease", "--", missing, "--some-arg")
+    assert res.returncode == 127
+    assert missing in res.stderr
+    assert "Traceback" not in res.stderr
+    assert status_json(runtime)["leases"] == []
+    assert runtime.bindspaces() == []
+
+
+def test_command_not_executable_exits_126_and_leaves_no_lease(runtime: Runtime, daemon) -> None:
+    script = runtime.base / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o600)
+    res = runtime.cli("lease", "--", str(script))
+    assert res.returncode == 126
+    assert str(script) in res.stderr
+    assert status_json(runtime)["leases"] == []
+    assert runtime.bindspaces() == []
+
+
+# -- release and status ---------------------------------------------------------------
+
+
+def test_release_of_an_unknown_id_fails_clearly(runtime: Runtime, daemon) -> None:
+    unknown = str(uuid.uuid4())
+    res = runtime.cli("release", unknown)
+    assert res.returncode != 0
+    assert unknown in res.stderr and "no live lease" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_release_of_a_malformed_id_fails_clearly(runtime: Runtime, daemon) -> None:
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid)
+    for bad in ["../../etc", "0123456789a", "x" * 500, ""]:
+        res = runtime.cli("release", bad)
+        assert res.returncode != 0, bad
+        assert "not a lease id" in res.stderr, (bad, res.stderr)
+        assert "Traceback" not in res.stderr
+    # Nothing was touched.
+    assert Path(lease["bindspace"]).is_dir()
+    assert [i["lease_id"] for i in status_json(runtime)["leases"]] == [lease["lease_id"]]
+
+
+def test_status_lists_live_leases(runtime: Runtime, daemon) -> None:
+    tcp_holder, uds_holder = runtime.holder(), runtime.holder()
+    before = time.time()
+    tcp = export_lease(runtime, tcp_holder.pid)
+    uds = export_lease(runtime, uds_holder.pid, "--tpt-proto", "uds")
+    after = time.time()
+
+    status = status_json(runtime)
+    assert status["daemon_pid"] == daemon.pid
+    assert status["root"] == str(runtime.root)
+    by_id = {info["lease_id"]: info for info in status["leases"]}
+    assert set(by_id) == {tcp["lease_id"], uds["lease_id"]}
+
+    info = by_id[tcp["lease_id"]]
+    assert info["holder_pid"] == tcp_holder.pid
+    assert info["bindspace"] == tcp["bindspace"]
+    assert info["transport"] == "tcp"
+    assert info["registry_addr"] == ["127.0.0.1", tcp["port"]]
+    assert before - 1 <= info["created"] <= after + 1
+
+    info = by_id[uds["lease_id"]]
+    assert info["holder_pid"] == uds_holder.pid
+    assert info["bindspace"] == uds["bindspace"]
+    assert info["transport"] == "uds"
+    assert info["registry_addr"] == [str(Path(uds["bindspace"]) / "tractor"), UDS_REGISTRY_NAME]
+    assert before - 1 <= info["created"] <= after + 1
+
+    res = runtime.cli("status")
+    assert res.returncode == 0, res.stderr
+    assert f"daemon pid {daemon.pid}" in res.stdout
+    lines = {lease["lease_id"]: line for lease in (tcp, uds) for line in res.stdout.splitlines() if lease["lease_id"] in line}
+    assert set(lines) == {tcp["lease_id"], uds["lease_id"]}
+    for lease, holder, addr in (
+        (tcp, tcp_holder, f"127.0.0.1:{tcp['port']}"),
+        (uds, uds_holder, f"{uds['bindspace']}/tractor/{UDS_REGISTRY_NAME}"),
+    ):
+        line = lines[lease["lease_id"]]
+        assert str(holder.pid) in line.split()
+        assert lease["bindspace"] in line
+        assert addr in line
+        assert re.search(r"\s\d+[smh]\s", line), f"no age in {line!r}"
+
+
+# -- help, and what `lease` costs to start ----------------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["lease", "status", "release", "renew", "serve"])
+def test_help_of_every_subcommand_has_an_example(runtime: Runtime, sub: str) -> None:
+    res = runtime.cli(sub, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "example" in res.stdout
+    assert re.search(rf"^\s+tractor-session {sub}\b", res.stdout, re.MULTILINE), res.stdout
+
+
+def imported_modules(argv: list[str], env: dict[str, str]) -> set[str]:
+    """The top-level packages ``python -X importtime ARGV`` imports."""
+    res = subprocess.run([sys.executable, "-X", "importtime", *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return {line.rpartition("|")[2].strip().partition(".")[0] for line in res.stderr.splitlines()}
+
+
+@pytest.mark.parametrize("with_daemon", [True, False], ids=["daemon-running", "cold-start"])
+def test_lease_command_imports_nothing_heavy(runtime: Runtime, pool: PortPool, with_daemon: bool) -> None:
+    """`lease -- CMD` runs before every test run: no trio or psutil ever,
+    and with a daemon running no msgspec, typing or pathlib either (each
+    costs milliseconds; the lease itself costs about one).  What the
+    interpreter imports at start-up (a site hook, say) is not ours."""
+    if with_daemon:
+        runtime.start_daemon("--port-pool", str(pool))
+    try:
+        ours = imported_modules(["-m", "tractor_session", "lease", "--", "true"], runtime.env)
+    finally:
+        stop_autostarted_daemon(runtime)
+    assert "tractor_session" in ours  # importtime did report
+    heavy = {"trio", "psutil"} | ({"msgspec", "typing", "pathlib"} if with_daemon else set())
+    assert (ours - imported_modules(["-c", "pass"], runtime.env)) & heavy == set()
