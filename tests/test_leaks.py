@@ -172,7 +172,8 @@ def test_xdist_workers_report_their_tests_leftovers(runtime: Runtime, project: P
 
 
 def test_under_a_lease_of_the_user_s(runtime: Runtime, project: Path) -> None:
-    done = inner(runtime, project, "test_leaky.py", "test_zz.py", command=(sys.executable, "-m", "tractor_session", "lease", "--"))
+    lease = (sys.executable, "-m", "tractor_session", "lease", "--")
+    done = inner(runtime, project, "test_leaky.py", "test_zz.py", command=lease)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 passed" in done.stdout
     assert "test_leaky.py::test_b_leaks_a_grandchild_in_a_new_session" in leftovers(project)

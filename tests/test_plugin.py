@@ -458,16 +458,20 @@ def test_leaves_things_behind(tractor_session_lease):
 def test_leak_report_lists_leftovers_and_the_session_end_removes_them(
     inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes],
 ) -> None:
+    """With leftovers only reported per test (test_leaks.py has the per-test
+    reaping), what is still there at the end is listed too, and the
+    session's end removes it."""
     inner.makepyfile(test_leak=LEAK_TEST)
     leak: dict[str, Any] | None = None
     try:
-        result = run(inner, "--tractor-session", "test_leak.py")
+        result = run(inner, "--tractor-session", "--tractor-session-leaks=report", "test_leak.py")
         leak = out(inner, "leak")
         assert result.ret == 0, result.stdout.str() + result.stderr.str()
         result.assert_outcomes(passed=1)
         text = result.stdout.str()
         assert LEAK_HEADER in text
         assert CLEAN_LINE not in text
+        assert "test_leak.py::test_leaves_things_behind: 2 leftover(s)" in text
         result.stdout.fnmatch_lines([
             f"socket {leak['socket']}",
             f"process {leak['pid']}: *signal.pause()*",
@@ -520,6 +524,30 @@ def test_run_under_cli_lease_takes_no_second_lease(
     assert only["bindspace"] == rec["bindspace"]
     assert only["registry_addr"] == rec["reg_addr"]
     assert_all_released(runtime, daemon)
+
+
+@pytest.mark.parametrize("asked", [["--tractor-session-transport", "tcp"], ["--tractor-session-net", "private"]])
+def test_an_inherited_session_unlike_what_the_run_asks_for_is_named(
+    inner: pytest.Pytester, runtime: Runtime, daemon: subprocess.Popen[bytes], asked: list[str],
+) -> None:
+    """`lease --tpt-proto uds -- pytest --tractor-session ...tcp`: the run
+    goes on in the inherited uds session, and says so, naming both."""
+    inner.makepyfile(test_inherit=INHERIT_TEST)
+    proc = runtime.cli(
+        "lease", "--tpt-proto", "uds", "--", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+        "--tractor-session", *asked, "test_inherit.py",
+        env=dict(os.environ), cwd=inner.path, timeout=RUN_TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = out(inner, "inherited")
+    assert rec["transport"] == "uds"
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "tractor-session: warning:" in line]
+    assert warnings, proc.stdout + proc.stderr
+    if asked[-1] == "tcp":
+        assert "asked for transport tcp" in warnings[0] and "inherited uds session" in warnings[0]
+    else:
+        assert "asked for a private network" in warnings[0] and "shares the host's network" in warnings[0]
+    assert rec["lease_id"].replace("-", "")[:12] in warnings[0]
 
 
 # -- 6. beside tractor's own plugin ---------------------------------------------
