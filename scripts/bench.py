@@ -5,7 +5,7 @@ Starts its own daemon in a temporary runtime root (on tmpfs when the host
 has /dev/shm, as /run/user is), measures every figure, prints a table and
 writes the same figures as JSON.  Where the work compares, the figure is
 set beside Google's portpicker ``portserver`` measured in the same run
-(``pip install '.[bench]'``; skipped with a note when it is missing).
+(``pip install '.[test]'``; skipped with a note when it is missing).
 
     python scripts/bench.py            # the full run, a few minutes
     python scripts/bench.py --quick    # under a minute; the test suite runs it
@@ -211,7 +211,7 @@ def measure_roundtrip(b: Bench, n: int) -> dict[str, float]:
         "lease_release_new_connection_p99_ms": percentile(fresh, 0.99) * 1e3,
     }
     if not theirs:
-        print("# portpicker is not installed (pip install '.[bench]'): no portserver figures", file=sys.stderr)
+        print("# portpicker is not installed (pip install '.[test]'): no portserver figures", file=sys.stderr)
         return out
     out["portserver_request_median_ms"] = statistics.median(theirs) * 1e3
     out["portserver_request_p99_ms"] = percentile(theirs, 0.99) * 1e3
@@ -340,35 +340,47 @@ def measure_net_private(b: Bench, n: int) -> dict[str, float]:
 def measure_per_test_cost(b: Bench, tests: int, runs: int) -> dict[str, float]:
     """What an active plugin costs per test: a file of ``tests`` trivial
     tests run with ``--tractor-session`` (each test its own scope, checked
-    for leftovers) and without the plugin, alternating.  The difference
-    includes the run's own start-up inside its session, spread over the
-    tests."""
-    project = Path(tempfile.mkdtemp(prefix="ts-bench-tests-"))
-    (project / "test_trivial.py").write_text(
-        f"import pytest\n\n\n@pytest.mark.parametrize('i', range({tests}))\ndef test_trivial(i):\n    pass\n"
-    )
+    for leftovers) and without the plugin, alternating.
 
-    def timed(*extra: str) -> float:
+    The difference holds a fixed part too, once per run: the lease, and
+    pytest's re-execution inside its session (one more pytest start-up).
+    The same pair of runs with one test measures that part, so the cost
+    per test is reported both ways: the whole difference spread over the
+    tests, and the difference the extra ``tests - 1`` tests make."""
+    project = Path(tempfile.mkdtemp(prefix="ts-bench-tests-"))
+    for count in (1, tests):
+        (project / f"test_{count}.py").write_text(
+            f"import pytest\n\n\n@pytest.mark.parametrize('i', range({count}))\ndef test_trivial(i):\n    pass\n"
+        )
+
+    def timed(count: int, *extra: str) -> float:
         t = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, "test_trivial.py"],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, f"test_{count}.py"],
             cwd=project, env=b.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
         )
         return time.perf_counter() - t
 
+    variants = [(count, extra) for count in (1, tests) for extra in (("--tractor-session",), ("-p", "no:tractor_session"))]
+    times: dict[tuple[int, tuple[str, ...]], list[float]] = {v: [] for v in variants}
     try:
-        timed("--tractor-session"), timed("-p", "no:tractor_session")
-        with_plugin, without = [], []
+        for count, extra in variants:
+            timed(count, *extra)
         for _ in range(runs):
-            with_plugin.append(timed("--tractor-session"))
-            without.append(timed("-p", "no:tractor_session"))
+            for count, extra in variants:
+                times[count, extra].append(timed(count, *extra))
     finally:
         shutil.rmtree(project, ignore_errors=True)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    extra_many = median[tests, variants[2][1]] - median[tests, variants[3][1]]
+    extra_one = median[1, variants[0][1]] - median[1, variants[1][1]]
     return {
         "plugin_run_tests": tests,
-        "plugin_run_with_median_s": statistics.median(with_plugin),
-        "plugin_run_without_median_s": statistics.median(without),
-        "plugin_per_test_ms": (statistics.median(with_plugin) - statistics.median(without)) / tests * 1e3,
+        "plugin_run_with_median_s": median[tests, variants[2][1]],
+        "plugin_run_without_median_s": median[tests, variants[3][1]],
+        "plugin_run_fixed_s": extra_one,
+        "plugin_per_test_all_in_ms": extra_many / tests * 1e3,
+        "plugin_per_test_ms": (extra_many - extra_one) / (tests - 1) * 1e3,
     }
 
 
@@ -645,7 +657,7 @@ def main() -> int:
         ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
         ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),
         ("lease --net private", lambda b: measure_net_private(b, 10 if q else 100)),
-        ("plugin per test", lambda b: measure_per_test_cost(b, 500, 2 if q else 10)),
+        ("plugin per test", lambda b: measure_per_test_cost(b, 100 if q else 500, 1 if q else 10)),
     ]
     for name, step in steps:
         with bench_env(q) as b:
