@@ -75,9 +75,13 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> str
     return os.path.join(fallback, "tractor")
 
 
+SHORT_NAME_LEN = 12
+
+
 def short_name(lease_id: str) -> str:
-    """The bindspace name of a lease: the first 12 hex digits of its id."""
-    return lease_id.replace("-", "")[:12]
+    """The bindspace name of a lease: the first 12 hex digits of its id,
+    which is also how ``status`` shows it."""
+    return lease_id.replace("-", "")[:SHORT_NAME_LEN]
 
 
 def control_dir(root: str | os.PathLike[str]) -> str:

@@ -23,25 +23,25 @@ import msgspec
 from tractor_session import wire
 from tractor_session.wire import ProtocolError
 
-# A lease id as it appears in requests: a canonical uuid4 string, or the
-# 12-hex prefix that names its bindspace.  Checked before any id reaches a
-# path or the lease table.
-LEASE_ID_RE = re.compile(r"[0-9a-f]{12}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+# A lease id as it appears in requests: a canonical uuid4 string, or any
+# prefix of one, dashes optional (as git and docker take ids), which the
+# daemon resolves to the one live lease it names.  Checked before any id
+# reaches the lease table.
+LEASE_ID_RE = re.compile(r"[0-9a-f][0-9a-f-]{0,35}")
 
 Transport = Literal["tcp", "uds"]
 Net = Literal["host", "private"]
 
 
 class BadIdError(ValueError):
-    """A lease id that is not a uuid or its 12-hex prefix."""
+    """A lease id that is not a uuid or a prefix of one."""
 
 
 def check_id(lease_id: str) -> str:
-    """``lease_id`` if it is well formed; checked before it reaches a path
-    or the lease table."""
-    if not LEASE_ID_RE.fullmatch(lease_id):
-        raise BadIdError(f"{lease_id[:80]!r} is not a lease id (a uuid or its first 12 hex digits)")
-    return lease_id
+    """``lease_id`` in lower case, if it is a well-formed id or prefix."""
+    if not LEASE_ID_RE.fullmatch(lowered := lease_id.lower()):
+        raise BadIdError(f"{lease_id[:80]!r} is not a lease id (a uuid, or its first hex digits)")
+    return lowered
 
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
@@ -76,6 +76,9 @@ class LeaseRequest(Message, tag="lease"):
     set_xdg: bool = True
     parent: str | None = None
     net: Net = "host"
+    inside: str | None = None
+    """The session the requester itself runs in (from its environment):
+    when it is live here, the new lease becomes its child, as ``parent``."""
 
 
 class Release(Message, tag="release"):
@@ -96,7 +99,9 @@ class Bind(Message, tag="bind"):
 
 
 class StatusRequest(Message, tag="status"):
-    pass
+    """Every live lease, or with ``lease_id`` the one it names."""
+
+    lease_id: str | None = None
 
 
 class GcRequest(Message, tag="gc"):

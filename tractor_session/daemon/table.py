@@ -21,7 +21,7 @@ import msgspec
 
 from tractor_session import envelope
 from tractor_session.daemon.ports import PortPool, PortPoolError
-from tractor_session.paths import DEEPEST_SOCKET_NAME, fits_af_unix, short_name
+from tractor_session.paths import DEEPEST_SOCKET_NAME, SHORT_NAME_LEN, fits_af_unix, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
 from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
 
@@ -96,10 +96,26 @@ class LeaseTable:
         return len(self.leases)
 
     def find(self, lease_id: str) -> Lease:
-        lease = self.leases.get(lease_id) or self.by_short.get(lease_id)
-        if lease is None:
+        """The live lease ``lease_id`` names: its full id, or any prefix of
+        it (dashes optional) that no other live lease shares."""
+        if (lease := self.leases.get(lease_id)) is not None:
+            return lease
+        digits = lease_id.replace("-", "")
+        if len(digits) >= SHORT_NAME_LEN:
+            lease = self.by_short.get(digits[:SHORT_NAME_LEN])
+            found = [lease] if lease is not None and lease.lease_id.replace("-", "").startswith(digits) else []
+        else:
+            found = [lease for short, lease in self.by_short.items() if short.startswith(digits)]
+        if len(found) == 1:
+            return found[0]
+        if not found:
             raise LeaseError("unknown-lease", f"no live lease {lease_id!r}; see `tractor-session status`")
-        return lease
+        names = sorted(short_name(lease.lease_id) for lease in found)
+        raise LeaseError(
+            "ambiguous-id",
+            f"{lease_id!r} names {len(names)} live leases: {', '.join(names[:10])}"
+            f"{', ...' if len(names) > 10 else ''}; give more of the id",
+        )
 
     def create(
         self,
