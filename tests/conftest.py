@@ -365,11 +365,17 @@ def daemon_processes(runtime: Runtime) -> list[psutil.Process]:
 # -- leases, through the CLI and the client library -----------------------------
 
 
-def status_json(runtime: Runtime, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``tractor-session status --json``."""
+def status_json(runtime: Runtime, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``tractor-session status --json``: the live leases."""
     res = runtime.cli("status", "--json", env=env)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+def daemon_status(runtime: Runtime) -> protocol.Status:
+    """The daemon's status (its pid, root and leases), through the library."""
+    with runtime.connect() as conn:
+        return conn.status()
 
 
 def live_leases(runtime: Runtime) -> dict[str, protocol.LeaseInfo]:
@@ -379,8 +385,8 @@ def live_leases(runtime: Runtime) -> dict[str, protocol.LeaseInfo]:
 
 
 def export_lease(runtime: Runtime, holder_pid: int, *args: str) -> dict[str, Any]:
-    """``lease --export --json --holder-pid PID ARGS``: the lease as JSON."""
-    res = runtime.cli("lease", "--export", "--json", "--holder-pid", str(holder_pid), *args)
+    """``lease --json --holder-pid PID ARGS``: the lease as JSON."""
+    res = runtime.cli("lease", "--json", "--holder-pid", str(holder_pid), *args)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 

@@ -26,6 +26,7 @@ from conftest import (
     UDS_REGISTRY_NAME,
     PortPool,
     Runtime,
+    daemon_status,
     export_lease,
     status_json,
     stop_autostarted_daemon,
@@ -122,7 +123,7 @@ def test_command_not_found_exits_127_and_leaves_no_lease(runtime: Runtime, daemo
     assert res.returncode == 127
     assert missing in res.stderr
     assert "Traceback" not in res.stderr
-    assert status_json(runtime)["leases"] == []
+    assert status_json(runtime) == []
     assert runtime.bindspaces() == []
 
 
@@ -133,7 +134,7 @@ def test_command_not_executable_exits_126_and_leaves_no_lease(runtime: Runtime, 
     res = runtime.cli("lease", "--", str(script))
     assert res.returncode == 126
     assert str(script) in res.stderr
-    assert status_json(runtime)["leases"] == []
+    assert status_json(runtime) == []
     assert runtime.bindspaces() == []
 
 
@@ -151,14 +152,17 @@ def test_release_of_an_unknown_id_fails_clearly(runtime: Runtime, daemon) -> Non
 def test_release_of_a_malformed_id_fails_clearly(runtime: Runtime, daemon) -> None:
     holder = runtime.holder()
     lease = export_lease(runtime, holder.pid)
-    for bad in ["../../etc", "0123456789a", "x" * 500, ""]:
+    for bad in ["../../etc", "0123456789ag", "x" * 500, "-1"]:
         res = runtime.cli("release", bad)
         assert res.returncode != 0, bad
         assert "not a lease id" in res.stderr, (bad, res.stderr)
         assert "Traceback" not in res.stderr
+    # No id and no session to default to: a usage error.
+    res = runtime.cli("release", "")
+    assert res.returncode == 2 and "TRACTOR_SESSION_ID" in res.stderr, res.stderr
     # Nothing was touched.
     assert Path(lease["bindspace"]).is_dir()
-    assert [i["lease_id"] for i in status_json(runtime)["leases"]] == [lease["lease_id"]]
+    assert [i["lease_id"] for i in status_json(runtime)] == [lease["lease_id"]]
 
 
 def test_status_lists_live_leases(runtime: Runtime, daemon) -> None:
@@ -168,10 +172,10 @@ def test_status_lists_live_leases(runtime: Runtime, daemon) -> None:
     uds = export_lease(runtime, uds_holder.pid, "--tpt-proto", "uds")
     after = time.time()
 
-    status = status_json(runtime)
-    assert status["daemon_pid"] == daemon.pid
-    assert status["root"] == str(runtime.root)
-    by_id = {info["lease_id"]: info for info in status["leases"]}
+    assert (daemon_status(runtime).daemon_pid, daemon_status(runtime).root) == (daemon.pid, str(runtime.root))
+    shown = runtime.cli("status").stdout.splitlines()[0]
+    assert shown == f"daemon pid {daemon.pid}, root {runtime.root}: 2 live lease(s)", shown
+    by_id = {info["lease_id"]: info for info in status_json(runtime)}
     assert set(by_id) == {tcp["lease_id"], uds["lease_id"]}
 
     info = by_id[tcp["lease_id"]]
@@ -190,18 +194,27 @@ def test_status_lists_live_leases(runtime: Runtime, daemon) -> None:
 
     res = runtime.cli("status")
     assert res.returncode == 0, res.stderr
-    assert f"daemon pid {daemon.pid}" in res.stdout
-    lines = {lease["lease_id"]: line for lease in (tcp, uds) for line in res.stdout.splitlines() if lease["lease_id"] in line}
-    assert set(lines) == {tcp["lease_id"], uds["lease_id"]}
+    assert all(len(line) <= 100 for line in res.stdout.splitlines()), res.stdout
+    short = {lease["lease_id"]: lease["lease_id"].replace("-", "")[:12] for lease in (tcp, uds)}
+    lines = {lid: line for lid in short for line in res.stdout.splitlines() if line.startswith(short[lid])}
+    assert set(lines) == {tcp["lease_id"], uds["lease_id"]}, res.stdout
     for lease, holder, addr in (
         (tcp, tcp_holder, f"127.0.0.1:{tcp['port']}"),
-        (uds, uds_holder, f"{uds['bindspace']}/tractor/{UDS_REGISTRY_NAME}"),
+        (uds, uds_holder, f"uds {UDS_REGISTRY_NAME}"),
     ):
         line = lines[lease["lease_id"]]
-        assert str(holder.pid) in line.split()
-        assert lease["bindspace"] in line
+        assert f" {holder.pid} {sys.executable}" in line  # the holder's command
         assert addr in line
         assert re.search(r"\s\d+[smh]\s", line), f"no age in {line!r}"
+        # With an id (any unique prefix), everything about the lease.
+        details = runtime.cli("status", short[lease["lease_id"]][:8])
+        assert details.returncode == 0, details.stderr
+        fields = dict(line.split(None, 1) for line in details.stdout.splitlines())
+        assert fields["lease"] == lease["lease_id"] and fields["bindspace"] == lease["bindspace"]
+        assert fields["holder"].startswith(f"{holder.pid} {sys.executable}")
+        assert fields["registry"] == (
+            addr if lease is tcp else f"{uds['bindspace']}/tractor/{UDS_REGISTRY_NAME}"
+        )
 
 
 # -- help, and what `lease` costs to start ----------------------------------------------

@@ -37,6 +37,7 @@ from conftest import (
     Runtime,
     assert_served,
     client_error,
+    daemon_status,
     exchange,
     handshake,
     kill_tree,
@@ -46,7 +47,6 @@ from conftest import (
     read_to_eof,
     recv_reply,
     split_frames,
-    status_json,
     wait_for,
 )
 
@@ -161,7 +161,7 @@ def test_silent_clients_do_not_hold_up_others(runtime: Runtime, pool: PortPool) 
             silent.append(sock)
             sock.connect(str(runtime.socket))
         start = time.monotonic()
-        assert status_json(runtime)["daemon_pid"] == daemon.pid
+        assert daemon_status(runtime).daemon_pid == daemon.pid
         res = runtime.cli("lease", "--", "true")
         elapsed = time.monotonic() - start
         assert res.returncode == 0, res.stderr

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Runtime, kill_tree, pid_alive, status_json, wait_for
+from conftest import Runtime, daemon_status, kill_tree, pid_alive, status_json, wait_for
 
 pytest_plugins = ["pytester"]
 
@@ -148,11 +148,10 @@ def finish(proc: subprocess.Popen[bytes]) -> pytest.RunResult:
 def assert_all_released(runtime: Runtime, daemon: subprocess.Popen[bytes] | None = None) -> None:
     """No lease left in the daemon and no bindspace left on disk (and, given
     the daemon the test started, no other daemon answered instead)."""
-    now = status_json(runtime)
-    assert now["leases"] == []
+    assert status_json(runtime) == []
     assert runtime.bindspaces() == []
     if daemon is not None:
-        assert now["daemon_pid"] == daemon.pid
+        assert daemon_status(runtime).daemon_pid == daemon.pid
 
 
 def assert_no_leak_report(result: pytest.RunResult) -> None:
@@ -333,8 +332,8 @@ def test_xdist_gives_every_worker_its_own_lease(
     # worker leases, each shown as belonging to it
     snapshots = [out(inner, f"s{i}") for i in range(8) if (inner.path / "out" / f"s{i}.json").exists()]
     assert sorted(snap["worker"] for snap in snapshots) == ["gw0", "gw1", "gw2", "gw3"]
-    leases = snapshots[0]["status"]["leases"]
-    assert all(snap["status"]["leases"] == leases for snap in snapshots)
+    leases = snapshots[0]["status"]
+    assert all(snap["status"] == leases for snap in snapshots)
     # The run's lease is held by the process started (it re-executed
     # itself as `tractor-session lease -- pytest ...`) and bound to the
     # pytest inside it.
@@ -384,7 +383,7 @@ def test_2_steady(tractor_session_lease):
     )
     # while this worker goes on, the daemon no longer knows the crashed lease
     leases = tshelp.wait_for(
-        lambda: (s := tshelp.status()) and crashed["lease_id"] not in {l["lease_id"] for l in s["leases"]} and s["leases"],
+        lambda: (s := tshelp.status()) and crashed["lease_id"] not in {l["lease_id"] for l in s} and s,
         what="the crashed worker's lease to end",
     )
     tshelp.record("status", leases)
@@ -423,7 +422,7 @@ def test_killed_worker_loses_its_lease_and_others_carry_on(
     assert crashed["lease_id"] not in by_id
     run_id = by_id[steady1["lease_id"]]["parent"]
     assert run_id is not None and by_id[run_id]["parent"] is None
-    seen_by_replacement = {lease["lease_id"]: lease for lease in replacement["status"]["leases"]}
+    seen_by_replacement = {lease["lease_id"]: lease for lease in replacement["status"]}
     assert crashed["lease_id"] not in seen_by_replacement
     assert seen_by_replacement[replacement["lease_id"]]["parent"] == run_id
 
@@ -519,7 +518,7 @@ def test_run_under_cli_lease_takes_no_second_lease(
     rec = out(inner, "inherited")
     assert rec["inherited"] is True
     assert rec["lease_id"] == rec["env_session_id"]
-    (only,) = rec["status"]["leases"]
+    (only,) = rec["status"]
     assert only["lease_id"] == rec["lease_id"]
     assert only["bindspace"] == rec["bindspace"]
     assert only["registry_addr"] == rec["reg_addr"]
@@ -725,7 +724,7 @@ def test_ini_activates_it(inner: pytest.Pytester, runtime: Runtime) -> None:
     result.assert_outcomes(passed=1)
     assert_no_leak_report(result)
     rec = out(inner, "ini")
-    (lease,) = rec["status"]["leases"]
+    (lease,) = rec["status"]
     assert lease["lease_id"] == rec["id"] and lease["holder_pid"] == rec["pid"]
     assert_all_released(runtime)
 

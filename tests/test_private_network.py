@@ -72,7 +72,7 @@ def test_private_sessions_each_own_tractors_default_registry(
     # The user inside is the user outside, to files and to the daemon, which
     # answered a status request from inside (it checks the peer's uid).
     assert (a["uid"], a["gid"]) == (b["uid"], b["gid"]) == (os.getuid(), os.getgid())
-    listed = {lease["lease_id"]: lease for lease in a["status"]["leases"]}
+    listed = {lease["lease_id"]: lease for lease in a["status"]}
     assert {a["session"], b["session"]} <= set(listed)
     for session in (a["session"], b["session"]):
         assert listed[session]["net"] == "private"
@@ -110,7 +110,7 @@ def test_no_user_namespaces_fails_before_the_command_runs(
     assert not marker.exists(), "the command ran on the shared network"
     assert not runtime.bindspaces(), "the lease was not released"
     status = runtime.cli("status", "--json")
-    assert json.loads(status.stdout)["leases"] == []
+    assert json.loads(status.stdout) == []
 
 
 def test_an_exported_lease_cannot_have_a_private_network(runtime: Runtime, daemon: subprocess.Popen[bytes]) -> None:

@@ -13,14 +13,12 @@ import argparse
 import functools
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 from tractor_session import envelope, paths
 from tractor_session.client import ClientError, connect, grant
-from tractor_session.paths import short_name
 
 TYPE_CHECKING = False  # see client.py
 if TYPE_CHECKING:
@@ -60,6 +58,8 @@ def cmd_lease(args: argparse.Namespace) -> int:
     command: list[str] = args.command
     if command and command[0] == "--":
         command = command[1:]
+    if command and not command[0]:
+        raise UsageError("the command to run is an empty string; give a program name after --")
     if args.export or args.json:
         if command:
             raise UsageError("--export/--json print a lease and return; they take no command")
@@ -82,54 +82,72 @@ def _lease_request(args: argparse.Namespace, holder_pid: int | None = None) -> d
     return {
         "transport": args.tpt_proto, "holder_pid": holder_pid, "ttl": args.ttl,
         "reap": not args.no_reap, "set_xdg": not args.no_xdg, "parent": args.parent,
-        "net": args.net,
+        "net": args.net, "inside": os.environ.get(envelope.SESSION_ID_ENV),
     }
 
 
 def _lease_export(args: argparse.Namespace) -> int:
-    holder = args.holder_pid if args.holder_pid is not None else os.getppid()
+    from tractor_session import shell
+
+    holder = args.holder_pid if args.holder_pid is not None else shell.calling_shell()
     with connect() as conn:
         lease, env = grant(conn, _lease_request(args, holder))
-    if args.json:
-        print(_json({**lease, "env": env}))
-    else:
-        print("\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())))
+    print(_json({**lease, "env": env}) if args.json else shell.export_lines(env, os.environ))
     return 0
 
 
 # -- other commands -----------------------------------------------------------
 
 
-def _age(created: float) -> str:
-    seconds = max(0, int(time.time() - created))
-    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    with connect(autostart=False) as conn:
-        status = conn.status()
-    if args.json:
-        print(_json(status))
+    from tractor_session import status
+
+    try:
+        conn = connect(autostart=False)
+    except ClientError as err:
+        if err.code != "no-daemon" or args.lease_id is not None:
+            raise
+        print("[]" if args.json else f"no daemon runs ({err}); the first lease starts one")
         return 0
-    print(f"daemon pid {status.daemon_pid}, root {status.root}, {len(status.leases)} live lease(s)")
-    if status.leases:
-        print(f"{'ID':36}  {'HOLDER':>7}  {'AGE':>4}  {'NET':7}  {'REGISTRY':24}  BINDSPACE")
-        for info in sorted(status.leases, key=lambda i: i.created):
-            holder = str(info.holder_pid) if info.holder_pid else "-"
-            parent = f"  (of {short_name(info.parent)})" if info.parent else ""
-            registry = envelope.show_registry(info.transport, info.registry_addr)
-            print(
-                f"{info.lease_id:36}  {holder:>7}  {_age(info.created):>4}  {info.net:7}  {registry:24}"
-                f"  {info.bindspace}{parent}"
-            )
+    with conn:
+        if args.lease_id is None:
+            shown = conn.status()
+            print(_json(shown.leases) if args.json else status.table(shown))
+            return 0
+        info = conn.status(args.lease_id).leases[0]
+        children = [i.lease_id for i in conn.status().leases if i.parent == info.lease_id]
+    print(_json(info) if args.json else status.details(info, children))
     return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    with connect(autostart=False) as conn:
-        released = conn.release(args.lease_id)
-    print(f"released {released.lease_id}" + (f"; reaped {len(released.reaped)} process(es)" if released.reaped else ""))
+    lease_id = args.lease_id or os.environ.get(envelope.SESSION_ID_ENV)
+    if not lease_id:
+        raise UsageError(f"give the lease's id (`tractor-session status` lists them); ${envelope.SESSION_ID_ENV} is unset")
+    try:
+        with connect(autostart=False) as conn:
+            released = conn.release(lease_id)
+    except ClientError as err:
+        if args.export and err.code in ("no-daemon", "unknown-lease", "ended"):
+            # Still put the shell back: its session is gone either way.
+            lines = _unset_lines()
+            print(lines)
+            return _fail(f"{err}; the shell's session variables are unset" if lines else str(err))
+        raise
+    said = f"released {released.lease_id}" + (f"; reaped {len(released.reaped)} process(es)" if released.reaped else "")
+    if args.export:
+        # The shell evaluates stdout; people read stderr.
+        print(said, file=sys.stderr)
+        print(_unset_lines())
+    else:
+        print(said)
     return 0
+
+
+def _unset_lines() -> str:
+    from tractor_session import shell
+
+    return shell.unset_lines(os.environ)
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
@@ -250,6 +268,9 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     wanted = [argv[0]] if argv and argv[0] in _COMMANDS else list(_COMMANDS)
     for name in wanted:
         _COMMANDS[name](sub, fmt)
+    # A usage error inside a subcommand shows that subcommand's usage.
+    for subparser in sub.choices.values():
+        subparser.set_defaults(parser=subparser)
     return parser
 
 
@@ -261,7 +282,9 @@ def _add_lease(sub: _Subparsers, fmt: _Format) -> None:
         "envelope (_TRACTOR_RT_VARS, XDG_RUNTIME_DIR=<bindspace>, ...) in its\n"
         "environment, signals (INT, TERM, HUP) are passed on, and the session is\n"
         "cleaned up when CMD ends. Exits with CMD's status (128+N if killed by N),\n"
-        "or 125 if the session could not be set up and CMD never ran.\n"
+        "125 if the session could not be set up and CMD never ran, or 124 if the\n"
+        "session was ended under CMD (say, `tractor-session release` from elsewhere),\n"
+        "which ends CMD too; `lease` then says why.\n"
         "With --export, print the envelope as shell exports and return at once;\n"
         "that lease lasts as long as --holder-pid (default: the calling shell).",
         epilog="examples:\n"
@@ -280,10 +303,12 @@ def _add_lease(sub: _Subparsers, fmt: _Format) -> None:
                    help="do not point XDG_RUNTIME_DIR at the bindspace")
     p.add_argument("--no-reap", action="store_true",
                    help="leave the session's leftover processes running when it ends")
-    p.add_argument("--export", action="store_true", help="print `export` lines and return")
-    p.add_argument("--json", action="store_true", help="print the lease as JSON and return")
+    printed = p.add_mutually_exclusive_group()
+    printed.add_argument("--export", action="store_true", help="print `export` lines and return")
+    printed.add_argument("--json", action="store_true", help="print the lease as JSON and return")
     p.add_argument("--holder-pid", type=int, metavar="PID",
-                   help="with --export: the process whose life bounds the lease")
+                   help="with --export: the process whose life bounds the lease (default: the"
+                   " shell that evaluates the output, past the subshells of $(...))")
     p.add_argument("--ttl", type=_positive(float), metavar="SECONDS",
                    help="with --export: end the lease after SECONDS unless renewed")
     p.add_argument("--parent", metavar="ID", help=argparse.SUPPRESS)
@@ -294,21 +319,31 @@ def _add_lease(sub: _Subparsers, fmt: _Format) -> None:
 def _add_status(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "status", formatter_class=fmt, help="list the live leases",
-        description="List every live lease: id, holder pid, age, network (host, or a private\n"
-        "one of the session's own), registry address, bindspace.",
-        epilog="examples:\n  tractor-session status\n  tractor-session status --json | jq '.leases[].bindspace'",
+        description="List every live lease: short id, age, time left of a --ttl lease,\n"
+        "network (host, or a private one of the session's own), registry address,\n"
+        "and the holder's pid and command; a lease taken inside another session\n"
+        "(or by an xdist worker) is shown under it. With ID, everything about that\n"
+        "lease. With no daemon running there are no leases: `--json` prints [].",
+        epilog="examples:\n  tractor-session status\n  tractor-session status 3f2a\n"
+        "  tractor-session status --json | jq '.[].bindspace'",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("lease_id", metavar="ID", nargs="?", help="a lease id, or any unique prefix of one")
+    p.add_argument("--json", action="store_true", help="machine-readable output: a list of leases, or with ID one")
     p.set_defaults(func=cmd_status)
 
 
 def _add_release(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "release", formatter_class=fmt, help="end a lease by id",
-        description="End a lease now: reap its leftover processes, remove its bindspace, free its port.",
-        epilog="example:\n  tractor-session release 3f2a9c1b7d4e",
+        description="End a lease now: reap its leftover processes, remove its bindspace, free its port.\n"
+        "Without ID, the session this shell is in ($TRACTOR_SESSION_ID).\n"
+        "With --export, also print the lines that take the session out of the\n"
+        "shell and restore what `lease --export` replaced, like `ssh-agent -k`.",
+        epilog="examples:\n  tractor-session release 3f2a\n  eval \"$(tractor-session release --export)\"",
     )
-    p.add_argument("lease_id", metavar="ID", help="the lease id, or its first 12 hex digits")
+    p.add_argument("lease_id", metavar="ID", nargs="?", help="a lease id, or any unique prefix of one")
+    p.add_argument("--export", "--unset", action="store_true",
+                   help="print `unset`/`export` lines that restore the shell")
     p.set_defaults(func=cmd_release)
 
 
@@ -318,7 +353,7 @@ def _add_renew(sub: _Subparsers, fmt: _Format) -> None:
         description="Push a time-limited lease's expiry SECONDS into the future.",
         epilog="example:\n  tractor-session renew 3f2a9c1b7d4e --ttl 600",
     )
-    p.add_argument("lease_id", metavar="ID")
+    p.add_argument("lease_id", metavar="ID", help="a lease id, or any unique prefix of one")
     p.add_argument("--ttl", type=_positive(float), metavar="SECONDS", help="new time to live (default: the lease's own)")
     p.set_defaults(func=cmd_renew)
 
@@ -397,14 +432,33 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status.  Usage errors exit 2 with the
+    usage of the command at fault; no error a user can cause prints a
+    traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    if not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], _COMMANDS, n=1)
+        parser.error(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     args = parser.parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.func
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # `status | head -1`: the reader has gone, so has the rest of the
+        # output; exit as a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except UsageError as err:
-        parser.error(str(err))
+        at_fault: argparse.ArgumentParser = args.parser
+        at_fault.error(str(err))
     except ClientError as err:
         return _fail(str(err))
     except paths.UnsafePathError as err:

@@ -177,10 +177,10 @@ class Connection:
 
         return self._ask({"type": "gc", "dry_run": dry_run, "grace": grace}, GcReport)
 
-    def status(self) -> Status:
+    def status(self, lease_id: str | None = None) -> Status:
         from tractor_session.protocol import Status
 
-        return self._ask({"type": "status"}, Status)
+        return self._ask({"type": "status", "lease_id": lease_id}, Status)
 
 
 def grant(conn: Connection, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -213,11 +213,17 @@ def _is_env_entry(item: tuple[object, object]) -> bool:
 
 def release_plain(conn: Connection, lease_id: str) -> dict[str, Any] | None:
     """Release in plain data, reconnecting once if the daemon was restarted
-    meanwhile; None when the lease had already ended.  Closes ``conn``."""
+    meanwhile; None when the lease had already ended.  Closes ``conn``.
+
+    Raises :class:`ClientError` with code ``"ended"`` when the daemon
+    ended the lease on its own first (released by another client, ttl,
+    parent ended): the message says why."""
     release = {"type": "release", "lease_id": lease_id}
     try:
         return conn.call(release, "released")
     except ClientError as err:
+        if err.code == "ended":
+            raise
         if err.code != "unreachable":
             return None
     finally:

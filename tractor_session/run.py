@@ -37,6 +37,10 @@ PROG = "tractor-session"
 SETUP_FAILED = 125
 """``lease``'s exit status when the session could not be set up and CMD
 never ran (as ``docker run`` and ``env`` use it)."""
+SESSION_ENDED = 124
+"""``lease``'s exit status when the session ended under CMD for another
+reason than CMD ending (released by another client, its parent ended):
+the daemon then ended CMD too, and ``lease`` says why."""
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -107,6 +111,10 @@ def run(request: dict[str, Any], command: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         released = release_plain(conn, lease_id)
+    except ClientError as ended:
+        print(f"{PROG}: the session ended under {command[0]!r}, which was ended with it: {ended}", file=sys.stderr)
+        _collect_orphans()
+        return SESSION_ENDED
     finally:
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
     if released is not None and (summary := _reap_summary(lease_id, released.get("reaped"))):

@@ -213,8 +213,8 @@ class Server:
                 return sessions.renew(sessions.find(lease_id), ttl)
             case Bind(lease_id=lease_id, pid=pid):
                 return sessions.bind(sessions.find(lease_id), pid)
-            case StatusRequest():
-                return sessions.status()
+            case StatusRequest(lease_id=lease_id):
+                return sessions.status(lease_id)
             case GcRequest(dry_run=dry_run, grace=grace):
                 if grace is not None and not 0 <= grace < 10**9:
                     raise LeaseError("bad-request", f"grace must be a non-negative number of seconds, not {grace}")

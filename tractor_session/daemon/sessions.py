@@ -53,6 +53,9 @@ from tractor_session.records import BINDSPACE_NAME_RE, read_record
 log = logging.getLogger("tractor_session.daemon")
 
 CONNECTION_CLOSED = "its holder's connection closed"
+ENDED_REMEMBERED = 256
+"""How many ended leases' reasons are kept, so that a ``lease -- CMD``
+whose session was ended under it can tell its user why."""
 
 
 def _check_ttl(ttl: float) -> None:
@@ -82,6 +85,15 @@ class Peer:
         return start_time(self.pid) if self.pid > 0 else None
 
 
+def _describe(pid: int) -> str:
+    """A process as a log line or an error names it: pid and command."""
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        command = ""
+    return f"pid {pid} ({command[:60]})" if command else f"pid {pid}"
+
+
 class Sessions:
     def __init__(self, config: Config, notifier: Notifier) -> None:
         self.config = config
@@ -99,6 +111,8 @@ class Sessions:
         self.connected: set[str] = set()
         # lease id -> the host's last pid just before its envelope existed.
         self.spawn_marks: dict[str, int] = {}
+        # lease id -> why it ended, for the most recent ENDED_REMEMBERED.
+        self.ended: dict[str, str] = {}
         self.readopted = 0
         # Set on SIGTERM/SIGINT: from then on nothing ends a lease, so that
         # every live one stays on disk for the next daemon.
@@ -141,7 +155,13 @@ class Sessions:
     # -- requests -------------------------------------------------------
 
     def find(self, lease_id: str) -> Lease:
-        return self.table.find(protocol.check_id(lease_id))
+        lease_id = protocol.check_id(lease_id)
+        try:
+            return self.table.find(lease_id)
+        except LeaseError as err:
+            if err.code == "unknown-lease" and (why := self.ended.get(lease_id)) is not None:
+                raise LeaseError("ended", f"lease {short_name(lease_id)} has ended: {why}") from None
+            raise
 
     def grant(self, request: LeaseRequest, peer: Peer) -> Lease:
         if len(self.table) >= self.config.max_leases:
@@ -152,6 +172,13 @@ class Sessions:
             )
         if request.ttl is not None:
             _check_ttl(request.ttl)
+        if request.parent is None and request.inside is not None:
+            # A lease taken inside another session ends with it; an outer
+            # session this daemon does not know (a stale environment) is
+            # no reason to refuse.
+            outer = self.table.leases.get(request.inside)
+            if outer is not None and outer.lease_id not in self.ending:
+                request = msgspec.structs.replace(request, parent=outer.lease_id)
         if request.parent is not None:
             parent = self.find(request.parent)
             if parent.lease_id in self.ending:
@@ -182,16 +209,28 @@ class Sessions:
         """``by_holder``: the connection that holds the lease releases it.
         When that is ``lease -- CMD`` (CMD ended), the releasing process is
         the session's subreaper, and its descendants are the session's."""
+        if (ending := self.ending.get(lease.lease_id)) is not None:
+            # Something else is ending it: that is what the releaser must hear.
+            await ending.wait()
+            why = self.ended.get(lease.lease_id, "ended meanwhile")
+            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} has ended: {why}")
         self.connected.discard(lease.lease_id)
         # The requester may itself run inside the session (a script that
         # leased with --export): it and its ancestors are spared.
         reaped = await self.end_lease(
-            lease, "released", released=True, spare=peer,
+            lease, "released" if by_holder else f"released by {_describe(peer.pid)}", released=True, spare=peer,
             roots=frozenset([peer.pid]) if by_holder and lease.runs_command and peer.pid > 0 else frozenset(),
         )
         return Released(lease.lease_id, reaped)
 
     def renew(self, lease: Lease, ttl: float | None) -> Renewed:
+        if lease.record.ttl is None and (lease.runs_command or lease.lease_id in self.connected):
+            # A ttl would end the command in the middle of its work.
+            raise LeaseError(
+                "bad-request",
+                f"lease {short_name(lease.lease_id)} lasts as long as the command or connection"
+                " that holds it and takes no ttl; end it early with `tractor-session release`",
+            )
         ttl = ttl if ttl is not None else lease.record.ttl
         if ttl is None:
             raise LeaseError("bad-request", f"lease {lease.lease_id} has no ttl; pass --ttl")
@@ -215,12 +254,12 @@ class Sessions:
         self._track(lease)
         return Bound(lease.lease_id)
 
-    def status(self) -> Status:
-        return Status(
-            os.getpid(),
-            str(self.config.root),
-            [lease.info() for lease in self.table.leases.values() if lease.lease_id not in self.ending],
-        )
+    def status(self, lease_id: str | None = None) -> Status:
+        if lease_id is not None:
+            leases = [self.find(lease_id)]
+        else:
+            leases = [lease for lease in self.table.leases.values() if lease.lease_id not in self.ending]
+        return Status(os.getpid(), str(self.config.root), [lease.info() for lease in leases])
 
     def connection_closed(self, lease: Lease) -> None:
         self.connected.discard(lease.lease_id)
@@ -343,6 +382,9 @@ class Sessions:
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
             self.table.end(lease)
+            self.ended[lease.lease_id] = reason
+            if len(self.ended) > ENDED_REMEMBERED:
+                del self.ended[next(iter(self.ended))]
             self._untrack_holder(lease)
             self.spawn_marks.pop(lease.lease_id, None)
             self._announce()
