@@ -11,6 +11,8 @@ signals; nothing of ours is mocked.  Every wait is a deadline-bounded
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -23,15 +25,21 @@ import pytest
 from conftest import (
     CLI,
     DEADLINE,
+    SLEEP,
     UDS_REGISTRY_NAME,
     PortPool,
     Runtime,
     daemon_status,
     export_lease,
+    hold,
+    pid_alive,
+    read_record,
     status_json,
     stop_autostarted_daemon,
     wait_for,
 )
+
+from tractor_session.run import SESSION_ENDED
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -250,3 +258,157 @@ def test_lease_command_imports_nothing_heavy(runtime: Runtime, pool: PortPool, w
     assert "tractor_session" in ours  # importtime did report
     heavy = {"trio", "psutil"} | ({"msgspec", "typing", "pathlib"} if with_daemon else set())
     assert (ours - imported_modules(["-c", "pass"], runtime.env)) & heavy == set()
+
+
+# -- usage errors: exit 2, the usage of the command at fault, never a traceback -----------
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    ([], "COMMAND"),
+    (["releas"], "did you mean 'release'?"),
+    (["lease", "--export", "--json"], "usage: tractor-session lease"),
+    (["lease", "--", ""], "empty string"),
+    (["lease"], "usage: tractor-session lease"),
+    (["renew", "3f2a", "--ttl", "-1"], "usage: tractor-session renew"),
+], ids=["no-args", "typo", "export-and-json", "empty-command", "no-command", "bad-ttl"])
+def test_usage_errors_exit_2_with_the_right_usage(runtime: Runtime, argv: list[str], says: str) -> None:
+    res = runtime.cli(*argv)
+    assert res.returncode == 2, res
+    assert says in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert runtime.daemon_pid() is None and runtime.bindspaces() == []
+
+
+def test_a_closed_pipe_ends_output_quietly(runtime: Runtime, daemon) -> None:
+    """`status | head -1` with the reader gone before we write: exit as
+    SIGPIPE would, no traceback."""
+    export_lease(runtime, runtime.holder().pid)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run([*CLI, "status"], env=runtime.env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 128 + signal.SIGPIPE
+    assert res.stderr == "", res.stderr
+
+
+# -- ids: any unique prefix --------------------------------------------------------------
+
+
+def test_any_unique_prefix_names_a_lease_and_an_ambiguous_one_lists_the_candidates(runtime: Runtime, daemon) -> None:
+    holder = runtime.holder()
+    # Seventeen ids: two of them share their first hex digit.
+    leases = [export_lease(runtime, holder.pid, "--ttl", "600") for _ in range(17)]
+    by_digit: dict[str, list[str]] = {}
+    for lease in leases:
+        by_digit.setdefault(lease["lease_id"][0], []).append(lease["lease_id"])
+    digit, shared = next((d, ids) for d, ids in by_digit.items() if len(ids) > 1)
+
+    res = runtime.cli("release", digit)
+    assert res.returncode == 1, res
+    assert f"names {len(shared)} live leases" in res.stderr
+    assert all(lease_id.replace("-", "")[:12] in res.stderr for lease_id in shared), res.stderr
+    assert len(status_json(runtime)) == 17  # nothing was released
+
+    target = shared[0]
+    unique = next(
+        target.replace("-", "")[:n] for n in range(2, 13)
+        if sum(lid.replace("-", "").startswith(target.replace("-", "")[:n]) for lid in shared) == 1
+    )
+    assert runtime.cli("renew", unique, "--ttl", "900").returncode == 0
+    assert json.loads(runtime.cli("status", unique, "--json").stdout)["lease_id"] == target
+    # A prefix written with the uuid's dashes works too.
+    res = runtime.cli("release", target[:10])
+    assert res.returncode == 0, res.stderr
+    assert target not in {info["lease_id"] for info in status_json(runtime)}
+
+
+# -- a command's lease ---------------------------------------------------------------------
+
+
+def test_a_command_s_lease_refuses_a_ttl(runtime: Runtime, daemon) -> None:
+    held = hold(runtime)
+    res = runtime.cli("renew", held.rtvars._session_uuid or "", "--ttl", "3")
+    assert res.returncode == 1 and "takes no ttl" in res.stderr, res.stderr
+    record = read_record(held.bindspace)
+    assert record is not None and record["expires"] is None and record["ttl"] is None
+    assert held.finish() == 0
+
+
+def test_lease_says_why_when_its_session_ends_under_the_command(runtime: Runtime, daemon) -> None:
+    cli = runtime.popen(
+        [*CLI, "lease", "--", sys.executable, "-c", SLEEP], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    (bindspace,) = wait_for(runtime.bindspaces, what="the lease")  # type: ignore[misc]
+    record = wait_for(lambda: (r := read_record(bindspace)) and r["holder_pid"] != cli.pid and r)
+    assert isinstance(record, dict)
+    assert runtime.cli("release", record["lease_id"]).returncode == 0
+    assert cli.wait(timeout=DEADLINE) == SESSION_ENDED
+    assert cli.stderr is not None
+    said = cli.stderr.read().decode()
+    assert "ended under" in said and "released by pid" in said and "tractor_session release" in said, said
+    assert not pid_alive(record["holder_pid"])
+
+
+def test_a_lease_taken_inside_a_session_is_its_child(runtime: Runtime, daemon) -> None:
+    outer = hold(runtime)
+    outer_id = outer.rtvars._session_uuid
+    inner = runtime.popen(
+        [*CLI, "lease", "--", sys.executable, "-c", SLEEP], env=outer.env,
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    inner_info = wait_for(lambda: next((i for i in status_json(runtime) if i["parent"] == outer_id), None))
+    assert isinstance(inner_info, dict)
+    table = runtime.cli("status").stdout.splitlines()
+    short = inner_info["lease_id"].replace("-", "")[:12]
+    (row,) = [n for n, line in enumerate(table) if short in line]
+    assert table[row].startswith(f"└ {short}") and (outer_id or "").replace("-", "")[:12] in table[row - 1]
+    details = runtime.cli("status", (outer_id or "")[:8]).stdout
+    assert f"children   {short}" in details, details
+
+    # The outer session ends: the inner one with it, and its `lease` says so.
+    assert runtime.cli("release", outer_id or "").returncode == 0
+    assert inner.wait(timeout=DEADLINE) == SESSION_ENDED
+    assert inner.stderr is not None and "its parent" in inner.stderr.read().decode()
+    assert status_json(runtime) == [] and runtime.bindspaces() == []
+
+
+# -- a session in the user's shell -----------------------------------------------------------
+
+# `$(... | cat)`: the substitution runs a pipeline, so `lease --export` runs
+# under a moment-long fork of the shell.  argv: OUT; the shell blocks on its
+# stdin between the export and the release.
+SHELL_SESSION = r"""
+ts="$PY -m tractor_session"
+eval "$($ts lease --export | cat)"
+echo "$$ $TRACTOR_SESSION_ID $XDG_RUNTIME_DIR" > "$1.tmp" && mv "$1.tmp" "$1"
+read -r _
+eval "$($ts release --export)"
+printf '%s\n' "${XDG_RUNTIME_DIR-unset}" "${TRACTOR_SESSION_ID-unset}" "${TRACTOR_SESSION_ROOT-unset}" \
+    "${TRACTOR_SESSION_SAVED_ENV-unset}" > "$1.after"
+"""
+
+
+def test_an_exported_session_lives_as_long_as_the_shell_and_release_restores_it(runtime: Runtime, daemon) -> None:
+    out = runtime.base / "shell"
+    xdg = runtime.base / "my xdg"
+    xdg.mkdir(mode=0o700)
+    env = {**runtime.env, "PY": sys.executable, "XDG_RUNTIME_DIR": str(xdg)}
+    shell = runtime.popen(["bash", "-c", SHELL_SESSION, "bash", str(out)], env=env, stdin=subprocess.PIPE)
+    wait_for(out.exists, what="the shell to export a session")
+    shell_pid, lease_id, inside_xdg = out.read_text().split()
+    assert int(shell_pid) == shell.pid
+    # Bound to the shell, not to the fork that ran the pipeline (gone by now).
+    (info,) = status_json(runtime)
+    assert (info["lease_id"], info["holder_pid"]) == (lease_id, shell.pid)
+    assert inside_xdg == info["bindspace"]
+
+    assert shell.stdin is not None
+    shell.stdin.write(b"\n")
+    shell.stdin.close()
+    assert shell.wait(timeout=DEADLINE) == 0
+    # XDG_RUNTIME_DIR and TRACTOR_SESSION_ROOT as they were, the rest gone.
+    restored = (out.parent / "shell.after").read_text().splitlines()
+    assert restored == [str(xdg), "unset", str(runtime.root), "unset"]
+    assert status_json(runtime) == [] and runtime.bindspaces() == []

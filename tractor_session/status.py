@@ -97,7 +97,9 @@ def _holder(info: LeaseInfo) -> str:
         return "- (its client's connection)"
     try:
         with open(f"/proc/{info.holder_pid}/cmdline", "rb") as f:
-            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            # One line, whatever the arguments hold (`python -c` scripts
+            # span lines).
+            command = " ".join(f.read().decode(errors="replace").replace("\0", " ").split())
     except OSError:
         command = ""
     return f"{info.holder_pid} {command}" if command else str(info.holder_pid)
