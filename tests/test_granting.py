@@ -365,17 +365,35 @@ def test_bindspace_socket_paths_must_fit_af_unix(runtime: Runtime, pool: PortPoo
         pytest.skip("the temp dir is too deep for this boundary")
     root = runtime.base / ("r" * (1 + filler))
     assert deepest_socket_len(root) == deepest
-    runtime.start_daemon("--port-pool", str(pool), root=root)
     env = {**runtime.env, paths.ROOT_ENV: str(root)}
-
-    res = runtime.cli("lease", "--json", "--holder-pid", str(runtime.holder().pid), env=env)
     if deepest < paths.AF_UNIX_PATH_MAX:  # fits, NUL included: granted, and really bindable
+        runtime.start_daemon("--port-pool", str(pool), root=root)
+        res = runtime.cli("lease", "--json", "--holder-pid", str(runtime.holder().pid), env=env)
         assert res.returncode == 0, res.stderr
         tractor_dir = Path(json.loads(res.stdout)["bindspace"]) / "tractor"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.bind(str(tractor_dir / f"actor.{'a' * 32}@1234567.sock"))
-    else:
-        assert res.returncode != 0
-        assert "too long" in res.stderr and str(root) in res.stderr, res.stderr
-        assert [p for p in root.iterdir()] == []  # no lease left behind
-        assert json.loads(runtime.cli("status", "--json", env=env).stdout) == []
+        return
+    # One byte too many: no daemon serves such a root, and a client about to
+    # start one says why, with the budget, the length and the fix.
+    budget = (f"{len(os.fsencode(root))} bytes long", f"at most {paths.ROOT_BUDGET} bytes", paths.ROOT_ENV)
+    served = runtime.cli("serve", "--root", str(root), "--port-pool", str(pool))
+    assert served.returncode == 1 and all(s in served.stderr for s in budget), served.stderr
+    res = runtime.cli("lease", "--", "true", env=env)
+    assert res.returncode != 0 and all(s in res.stderr for s in budget), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not root.exists() or list(root.iterdir()) == []  # no lease left behind
+    res = runtime.cli("status", "--json", env=env)
+    assert (res.returncode, json.loads(res.stdout)) == (0, [])  # and no daemon started
+
+
+def test_a_control_socket_path_too_long_is_named_with_the_budget(runtime: Runtime) -> None:
+    long_socket = runtime.base / ("s" * paths.AF_UNIX_PATH_MAX) / "control.sock"
+    env = {**runtime.env, paths.SOCKET_ENV: str(long_socket)}
+    for argv in (["lease", "--", "true"], ["status", "x0"]):
+        res = runtime.cli(*argv, env=env)
+        assert res.returncode == 1, res
+        assert f"at most {paths.AF_UNIX_PATH_MAX - 1}" in res.stderr and str(long_socket) in res.stderr, res.stderr
+    served = runtime.cli("serve", "--socket", str(long_socket))
+    assert served.returncode == 1 and f"at most {paths.AF_UNIX_PATH_MAX - 1}" in served.stderr, served.stderr
+    assert runtime.bindspaces() == []

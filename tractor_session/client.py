@@ -249,6 +249,8 @@ def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, An
 
 
 def _try_connect(path: str) -> Connection | None:
+    if (too_long := paths.socket_too_long(path)) is not None:
+        raise ClientError("unreachable", too_long)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Long enough for a release that waits out a reap grace period; short
     # enough that a wedged daemon gives an error instead of a hang.
@@ -285,6 +287,8 @@ def _start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
     after taking it, so only the first one actually starts a daemon.
     """
     root = paths.runtime_root(env)
+    if (too_long := paths.root_too_long(root)) is not None:
+        raise ClientError("unreachable", f"cannot start a daemon: {too_long}")
     # Checked here too so that an unsafe directory is named to the user
     # rather than only in the log of a daemon that refused to start.
     paths.ensure_private_dir(root)

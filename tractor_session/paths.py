@@ -77,6 +77,10 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> str
 
 SHORT_NAME_LEN = 12
 
+ROOT_BUDGET = AF_UNIX_PATH_MAX - 1 - len(f"/{'0' * SHORT_NAME_LEN}/tractor/{DEEPEST_SOCKET_NAME}")
+"""The longest runtime root, in bytes, under which every socket tractor
+binds in a bindspace fits AF_UNIX (34 on Linux)."""
+
 
 def short_name(lease_id: str) -> str:
     """The bindspace name of a lease: the first 12 hex digits of its id,
@@ -142,3 +146,25 @@ def check_private_dir(path: str | os.PathLike[str]) -> None:
 def fits_af_unix(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` can be bound as a unix socket on this platform."""
     return len(os.fsencode(path)) < AF_UNIX_PATH_MAX
+
+
+def root_too_long(root: str | os.PathLike[str]) -> str | None:
+    """Why tractor's sockets would not fit under ``root``, or None."""
+    length = len(os.fsencode(root))
+    if length <= ROOT_BUDGET:
+        return None
+    return (
+        f"the runtime root {os.fspath(root)} is {length} bytes long, and tractor's socket paths in a"
+        f" bindspace under it would pass AF_UNIX's {AF_UNIX_PATH_MAX}-byte limit: the root may be at"
+        f" most {ROOT_BUDGET} bytes. Set {ROOT_ENV} to a shorter directory (e.g. /tmp/ts-{os.getuid()})."
+    )
+
+
+def socket_too_long(path: str | os.PathLike[str]) -> str | None:
+    """Why the control socket ``path`` cannot be bound or reached, or None."""
+    if fits_af_unix(path):
+        return None
+    return (
+        f"the control socket path {os.fspath(path)} is {len(os.fsencode(path))} bytes long; AF_UNIX"
+        f" allows at most {AF_UNIX_PATH_MAX - 1}. Set {ROOT_ENV} (or {SOCKET_ENV}) to a shorter path."
+    )

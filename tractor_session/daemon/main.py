@@ -133,8 +133,8 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
         return 1
     if activated is not None:
         config.socket = Path(activated.getsockname())
-    if not paths.fits_af_unix(config.socket):
-        print(f"tractor-session serve: control socket path {config.socket} is too long for AF_UNIX", file=sys.stderr)
+    if (too_long := paths.socket_too_long(config.socket) or paths.root_too_long(config.root)) is not None:
+        print(f"tractor-session serve: {too_long}", file=sys.stderr)
         return 1
     try:
         paths.ensure_private_dir(config.root)

@@ -21,7 +21,7 @@ import msgspec
 
 from tractor_session import envelope
 from tractor_session.daemon.ports import PortPool, PortPoolError
-from tractor_session.paths import DEEPEST_SOCKET_NAME, SHORT_NAME_LEN, fits_af_unix, short_name
+from tractor_session.paths import SHORT_NAME_LEN, root_too_long, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
 from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
 
@@ -139,14 +139,8 @@ class LeaseTable:
             # No checks needed: the parent is ours alone, made just now.
             tractor_dir = f"{bindspace}/tractor"
             os.mkdir(tractor_dir, 0o700)
-            deepest = f"{tractor_dir}/{DEEPEST_SOCKET_NAME}"
-            if not fits_af_unix(deepest):
-                raise LeaseError(
-                    "path-too-long",
-                    f"socket paths in the bindspace would be too long for AF_UNIX:"
-                    f" {deepest} is {len(os.fsencode(deepest))} bytes. Use a shorter"
-                    f" runtime root (set {envelope.ROOT_ENV}).",
-                )
+            if (too_long := root_too_long(self._root)) is not None:
+                raise LeaseError("path-too-long", too_long)
             if req.transport == "tcp" and req.net == "host":
                 try:
                     port = self.ports.take()
