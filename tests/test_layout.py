@@ -20,7 +20,7 @@ from conftest import Runtime
 import tractor_session
 
 PACKAGE = Path(tractor_session.__file__).parent
-LIGHT = ["cli", "client", "run", "gc", "pytest_plugin", "envelope", "paths", "wire", "holder"]
+LIGHT = ["cli", "commands", "client", "run", "gc", "pytest_plugin", "envelope", "paths", "wire", "holder", "shell", "status"]
 HEAVY = ("trio", "msgspec", "psutil")
 
 
@@ -52,9 +52,9 @@ def test_only_serve_reaches_into_the_daemon_package() -> None:
         str(p.relative_to(PACKAGE)) for p in PACKAGE.glob("*.py")
         if any(n.startswith("tractor_session.daemon") for n in _imports(p))
     )
-    assert reaching == ["cli.py"]
-    cli = ast.parse((PACKAGE / "cli.py").read_text())
-    module_level = [n for n in cli.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert reaching == ["commands.py"]
+    commands = ast.parse((PACKAGE / "commands.py").read_text())
+    module_level = [n for n in commands.body if isinstance(n, ast.Import | ast.ImportFrom)]
     assert not any(
         isinstance(n, ast.ImportFrom) and (n.module or "").startswith("tractor_session.daemon")
         for n in module_level
