@@ -1,4 +1,8 @@
-"""Knowing, from trio, the moment a lease's holder is gone.
+"""What bounds a lease: the process holding it, and its ttl.
+
+:class:`Peer` is the process at the other end of a connection, and
+:func:`check_holder` vets a holder pid a client names.  :class:`Expiries`
+is one timer for every ttl.
 
 On Linux a pidfd becomes readable the moment its process exits, so the
 daemon learns of a holder's death at once without polling; elsewhere it
@@ -8,13 +12,19 @@ holder with a thousand leases costs what a holder with one does.
 
 from __future__ import annotations
 
+import functools
+import heapq
+import math
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
+import psutil
 import trio
 
-from tractor_session.procs import is_alive
+from tractor_session.daemon.table import LeaseError
+from tractor_session.procs import is_alive, start_time
 
 POLL_INTERVAL = 0.5
 HAVE_PIDFD = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
@@ -99,3 +109,73 @@ class HolderWatches:
         if self.scopes.get(key) is scope:
             del self.scopes[key]
             await self.on_exit(key)
+
+
+class Peer:
+    """The process at the other end of a connection.  Its start time is
+    read once, on its first connection-held lease."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def lineage(self) -> frozenset[int]:
+        """The peer and its ancestors."""
+        try:
+            proc = psutil.Process(self.pid)
+            return frozenset([self.pid, *(p.pid for p in proc.parents())])
+        except psutil.Error:
+            return frozenset([self.pid])
+
+    @functools.cached_property
+    def start(self) -> float | None:
+        # The pid is unknown (0) on macOS and across pid namespaces: then
+        # only the connection bounds its leases.
+        return start_time(self.pid) if self.pid > 0 else None
+
+
+def describe(pid: int) -> str:
+    """A process as a log line or an error names it: pid and command."""
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        command = ""
+    return f"pid {pid} ({command[:60]})" if command else f"pid {pid}"
+
+
+def check_holder(pid: int) -> float:
+    """Validate a holder pid named by a client; return its start time."""
+    if pid <= 1:
+        raise LeaseError("bad-holder", f"holder pid {pid} is not allowed: pick the process whose life bounds the lease")
+    start = start_time(pid)
+    if start is None:
+        raise LeaseError("bad-holder", f"holder pid {pid} does not exist")
+    try:
+        uid = psutil.Process(pid).uids().real
+    except psutil.Error:
+        raise LeaseError("bad-holder", f"holder pid {pid} does not exist") from None
+    if uid != os.getuid():
+        raise LeaseError("bad-holder", f"holder pid {pid} belongs to uid {uid}, not to you")
+    return start
+
+
+class Expiries:
+    """One task for every ttl: it sleeps until the earliest expiry, or
+    until a grant or renewal brings an earlier one.  Entries are (wall-clock
+    expiry, lease id); the caller decides whether an entry is stale."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._changed = trio.Event()
+
+    def add(self, expires: float, lease_id: str) -> None:
+        heapq.heappush(self._heap, (expires, lease_id))
+        self._changed.set()
+
+    async def run(self, expired: Callable[[str, float], None]) -> None:
+        while True:
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                expired(heapq.heappop(self._heap)[1], now)
+            self._changed = trio.Event()
+            with trio.move_on_after(self._heap[0][0] - now if self._heap else math.inf):
+                await self._changed.wait()

@@ -1,4 +1,4 @@
-"""Ending a session's leftover processes, from trio.
+"""Ending a session's leftover processes, and sweeping dead sessions' garbage, from trio.
 
 Finding them reads every process of the user, so when a thousand leases
 end at once (their holder died, a daemon restarted) they share one scan
@@ -10,13 +10,15 @@ so the event loop keeps serving everyone else meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
-from tractor_session import procs
+from tractor_session import gc, procs
 from tractor_session.procs import Target, Victim
-from tractor_session.protocol import Reaped
+from tractor_session.protocol import GcItem, Reaped
 
 # Each reap waits out a grace period in its own thread; many sessions may
 # end at once, and trio's default limit (40) would queue them behind
@@ -68,3 +70,20 @@ class _ScanBatch:
     done: trio.Event = field(default_factory=trio.Event)
     found: dict[str, list[Victim]] = field(default_factory=dict)
     error: Exception | None = None
+
+
+async def collect_garbage(
+    root: Path, grace: float, live_ids: Callable[[], set[str]], reap_grace: float, dry_run: bool = False,
+) -> list[GcItem]:
+    """Find (and unless ``dry_run``, remove) what dead sessions left under
+    ``root``: the scan runs in a thread, then ``live_ids()`` (ids and short
+    names) is asked which sessions are live *now*, and those are spared."""
+    findings = await trio.to_thread.run_sync(gc.scan, root, grace)
+    live = live_ids()
+    findings.processes = {sid: v for sid, v in findings.processes.items() if sid not in live}
+    findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live]
+    if dry_run:
+        return findings.items()
+    reaped = await reap(findings.victims(), reap_grace)
+    removed = await trio.to_thread.run_sync(gc.remove, root, findings.bindspaces + findings.sockets)
+    return findings.reaped_items(reaped) + removed

@@ -23,7 +23,8 @@ import trio
 
 from tractor_session import protocol, wire
 from tractor_session.daemon.config import Config
-from tractor_session.daemon.sessions import Peer, Sessions
+from tractor_session.daemon.holders import Peer
+from tractor_session.daemon.sessions import Sessions
 from tractor_session.daemon.table import Lease, LeaseError, explain_os_error
 from tractor_session.protocol import (
     Bind,

@@ -18,27 +18,22 @@ re-adopts them (:meth:`Sessions.recover`).
 
 from __future__ import annotations
 
-import functools
-import heapq
 import logging
-import math
 import os
 import time
-from pathlib import Path
 
 import msgspec
-import psutil
 import trio
 
-from tractor_session import gc, holder, protocol
+from tractor_session import holder, protocol
 from tractor_session.daemon import reaping
 from tractor_session.daemon.config import Config
-from tractor_session.daemon.holders import HolderKey, HolderWatches
+from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, check_holder, describe
 from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
-from tractor_session.procs import Target, is_alive, last_pid, start_time
+from tractor_session.procs import Target, is_alive, last_pid
 from tractor_session.protocol import (
     Bound,
     GcItem,
@@ -63,37 +58,6 @@ def _check_ttl(ttl: float) -> None:
         raise LeaseError("bad-request", f"ttl must be a positive number of seconds, not {ttl}")
 
 
-class Peer:
-    """The process at the other end of a connection.  Its start time is
-    read once, on its first connection-held lease."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def lineage(self) -> frozenset[int]:
-        """The peer and its ancestors."""
-        try:
-            proc = psutil.Process(self.pid)
-            return frozenset([self.pid, *(p.pid for p in proc.parents())])
-        except psutil.Error:
-            return frozenset([self.pid])
-
-    @functools.cached_property
-    def start(self) -> float | None:
-        # The pid is unknown (0) on macOS and across pid namespaces: then
-        # only the connection bounds its leases.
-        return start_time(self.pid) if self.pid > 0 else None
-
-
-def _describe(pid: int) -> str:
-    """A process as a log line or an error names it: pid and command."""
-    try:
-        command = " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        command = ""
-    return f"pid {pid} ({command[:60]})" if command else f"pid {pid}"
-
-
 class Sessions:
     def __init__(self, config: Config, notifier: Notifier) -> None:
         self.config = config
@@ -103,9 +67,7 @@ class Sessions:
         # One watch per holder process, however many leases it holds.
         self.by_holder: dict[HolderKey, set[str]] = {}
         self.holder_watches = HolderWatches(self._holder_exited)
-        # (wall-clock expiry, lease id); stale entries are skipped.
-        self.expiries: list[tuple[float, str]] = []
-        self._expiries_changed = trio.Event()
+        self.expiries = Expiries()
         self.scanner = reaping.LeftoverScanner()
         # Leases bound to a connection of this daemon; ended when it closes.
         self.connected: set[str] = set()
@@ -125,7 +87,7 @@ class Sessions:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.recover()
-            nursery.start_soon(self._expire_leases)
+            nursery.start_soon(self.expiries.run, self._expired)
             nursery.start_soon(self._sweep_periodically)
             task_status.started()
 
@@ -189,7 +151,7 @@ class Sessions:
             holder, holder_start = peer.pid, peer.start
         else:
             assert request.holder_pid is not None
-            holder, holder_start = request.holder_pid, self._check_holder(request.holder_pid)
+            holder, holder_start = request.holder_pid, check_holder(request.holder_pid)
         mark = last_pid()
         lease = self.table.create(request, holder if holder > 0 else None, holder_start)
         if by_connection:
@@ -218,7 +180,7 @@ class Sessions:
         # The requester may itself run inside the session (a script that
         # leased with --export): it and its ancestors are spared.
         reaped = await self.end_lease(
-            lease, "released" if by_holder else f"released by {_describe(peer.pid)}", released=True, spare=peer,
+            lease, "released" if by_holder else f"released by {describe(peer.pid)}", released=True, spare=peer,
             roots=frozenset([peer.pid]) if by_holder and lease.runs_command and peer.pid > 0 else frozenset(),
         )
         return Released(lease.lease_id, reaped)
@@ -243,7 +205,7 @@ class Sessions:
     def bind(self, lease: Lease, pid: int) -> Bound:
         """Re-bind a lease to the command its connection runs, so that a
         daemon restarted mid-run knows what bounds it."""
-        start = self._check_holder(pid)
+        start = check_holder(pid)
         old_key = self._holder_key(lease)
         netns = lease.record.netns
         if lease.record.net == "private" and (theirs := holder.network_namespace(pid)) != holder.network_namespace():
@@ -264,21 +226,6 @@ class Sessions:
     def connection_closed(self, lease: Lease) -> None:
         self.connected.discard(lease.lease_id)
         self._end_in_background(lease, CONNECTION_CLOSED)
-
-    def _check_holder(self, pid: int) -> float:
-        """Validate a holder pid named by a client; return its start time."""
-        if pid <= 1:
-            raise LeaseError("bad-holder", f"holder pid {pid} is not allowed: pick the process whose life bounds the lease")
-        start = start_time(pid)
-        if start is None:
-            raise LeaseError("bad-holder", f"holder pid {pid} does not exist")
-        try:
-            uid = psutil.Process(pid).uids().real
-        except psutil.Error:
-            raise LeaseError("bad-holder", f"holder pid {pid} does not exist") from None
-        if uid != os.getuid():
-            raise LeaseError("bad-holder", f"holder pid {pid} belongs to uid {uid}, not to you")
-        return start
 
     def _announce(self) -> None:
         self.notifier.send(f"STATUS={len(self.table)} live leases")
@@ -315,24 +262,13 @@ class Sessions:
 
     def _track_expiry(self, lease: Lease) -> None:
         if lease.record.expires is not None:
-            heapq.heappush(self.expiries, (lease.record.expires, lease.lease_id))
-            self._expiries_changed.set()
+            self.expiries.add(lease.record.expires, lease.lease_id)
 
-    async def _expire_leases(self) -> None:
-        """One task for every ttl: sleeps until the earliest expiry, or
-        until a grant or renewal brings an earlier one."""
-        while True:
-            now = time.time()
-            while self.expiries and self.expiries[0][0] <= now:
-                _, lease_id = heapq.heappop(self.expiries)
-                lease = self.table.leases.get(lease_id)
-                # A renewal leaves the old entry behind: the record decides.
-                if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
-                    self._end_in_background(lease, "its ttl expired")
-            self._expiries_changed = trio.Event()
-            wait = self.expiries[0][0] - now if self.expiries else math.inf
-            with trio.move_on_after(wait):
-                await self._expiries_changed.wait()
+    def _expired(self, lease_id: str, now: float) -> None:
+        lease = self.table.leases.get(lease_id)
+        # A renewal leaves the old entry behind: the record decides.
+        if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
+            self._end_in_background(lease, "its ttl expired")
 
     # -- ending ---------------------------------------------------------
 
@@ -431,20 +367,13 @@ class Sessions:
 
     async def collect(self, dry_run: bool = False, grace: float | None = None) -> list[GcItem]:
         """Find (and unless ``dry_run``, remove) the root's garbage."""
-        root = self.config.root
         grace = self.config.gc_grace if grace is None else grace
-        findings = await trio.to_thread.run_sync(gc.scan, root, grace)
-        # Taken after the scan: a lease granted while it ran is in the table
-        # by now, so its directory and processes are spared (grants happen
-        # in this thread, whole, between two awaits).
-        live = {*self.table.leases, *self.table.by_short}
-        findings.processes = {sid: v for sid, v in findings.processes.items() if sid not in live}
-        findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live]
-        if dry_run:
-            return findings.items()
-        reaped = await reaping.reap(findings.victims(), self.config.reap_grace)
-        removed = await trio.to_thread.run_sync(gc.remove, root, findings.bindspaces + findings.sockets)
-        return findings.reaped_items(reaped) + removed
+        # Live ids are read after the scan: a lease granted while it ran is
+        # spared (grants happen in this thread, whole, between two awaits).
+        return await reaping.collect_garbage(
+            self.config.root, grace, lambda: {*self.table.leases, *self.table.by_short},
+            self.config.reap_grace, dry_run,
+        )
 
     async def _sweep_periodically(self) -> None:
         while True:
