@@ -282,18 +282,27 @@ def measure_throughput(b: Bench, clients: int, seconds: float) -> dict[str, floa
     }
 
 
-def measure_cli(b: Bench, n: int) -> dict[str, float | str]:
+def cli_command() -> list[str]:
     """The command a user runs: the installed ``tractor-session`` script when
-    there is one beside this interpreter, else ``python -m tractor_session``.
-    The two commands alternate so that the machine's drift hits both."""
+    there is one beside this interpreter, else ``python -m tractor_session``."""
+    script = shutil.which("tractor-session", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "tractor_session"]
+
+
+def timed_run(argv: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(argv, env=env, check=True)
+    return time.perf_counter() - t
+
+
+def measure_cli(b: Bench, n: int) -> dict[str, float | str]:
+    """``lease -- true`` against ``python -c pass``, alternating so that the
+    machine's drift hits both."""
+    command = cli_command()
 
     def timed(argv: list[str]) -> float:
-        t = time.perf_counter()
-        subprocess.run(argv, env=b.env, check=True)
-        return time.perf_counter() - t
+        return timed_run(argv, b.env)
 
-    script = shutil.which("tractor-session", path=os.path.dirname(sys.executable))
-    command = [script] if script else [sys.executable, "-m", "tractor_session"]
     lease = [*command, "lease", "--", "true"]
     bare = [sys.executable, "-c", "pass"]
     for _ in range(5):
@@ -303,7 +312,7 @@ def measure_cli(b: Bench, n: int) -> dict[str, float | str]:
         ours.append(timed(lease))
         base.append(timed(bare))
     return {
-        "cli_command": "tractor-session" if script else "python -m tractor_session",
+        "cli_command": "tractor-session" if len(command) == 1 else "python -m tractor_session",
         "cli_lease_true_median_ms": statistics.median(ours) * 1e3,
         "python_pass_median_ms": statistics.median(base) * 1e3,
         "cli_overhead_ms": (statistics.median(ours) - statistics.median(base)) * 1e3,
@@ -314,14 +323,11 @@ def measure_net_private(b: Bench, n: int) -> dict[str, float]:
     """What a private network adds to ``lease -- true``: the user and
     network namespaces, the uid and gid maps, loopback up.  The two
     commands alternate so that the machine's drift hits both."""
+    command = cli_command()
 
     def timed(argv: list[str]) -> float:
-        t = time.perf_counter()
-        subprocess.run(argv, env=b.env, check=True)
-        return time.perf_counter() - t
+        return timed_run(argv, b.env)
 
-    script = shutil.which("tractor-session", path=os.path.dirname(sys.executable))
-    command = [script] if script else [sys.executable, "-m", "tractor_session"]
     private = [*command, "lease", "--net", "private", "--", "true"]
     host = [*command, "lease", "--", "true"]
     for _ in range(5):
