@@ -18,7 +18,10 @@ What they show, each against a real daemon in a private runtime root:
 - a SIGKILLed root actor (under ``lease`` and under the plugin) leaves no
   actor, socket, bindspace or network namespace behind, though tractor's
   subactors blank their environment;
-- a daemon started by a run that loads tractor's plugin outlives it.
+- a daemon started by a run that loads tractor's plugin outlives it;
+- a second client brought into a private-network session with ``exec``
+  finds the tree's actors in its registry, and ``ps`` shows the subactor
+  under its root by the title tractor gave it.
 """
 
 from __future__ import annotations
@@ -548,3 +551,50 @@ def test_a_test_that_leaks_a_tree_is_named_and_the_next_passes(
         assert "test_leaking.py::test_1_leaks_a_tree" in done.stdout
     finally:
         end_all([first["pid"], first["sub_pid"]] if first else [])
+
+
+# -- a second client, attached with `exec` ---------------------------------------------
+
+# Opens a root actor on tractor's defaults and prints whether the registry
+# it finds at 127.0.0.1:1616 knows the actor argv[1].
+ATTACH = """
+import sys, trio, tractor
+async def main():
+    async with tractor.open_root_actor(name="attached"):
+        async with tractor.find_actor(sys.argv[1]) as portal:
+            print("found" if portal is not None else "missing")
+trio.run(main)
+"""
+
+
+def test_a_client_attached_with_exec_finds_the_sessions_registry(
+    runtime: Runtime, tpy: str, env: dict[str, str], tmp_path: Path,
+) -> None:
+    name = f"x{os.getpid()}"  # its subactor is sub-<name>: no other test's
+    lease = runtime.popen(
+        [tpy, "-m", "tractor_session", "lease", "--net", "private", "--", tpy, str(TREE), name, str(tmp_path / "tree.json")],
+        env=env, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    tree = wait_for(lambda: read_json(tmp_path / "tree.json"), timeout=60, what="the tree up")
+    assert isinstance(tree, dict)
+    try:
+        listed = subprocess.run([tpy, "-m", "tractor_session", "status", "--json"], env=env, capture_output=True, text=True)
+        (lease_id,) = [info["lease_id"] for info in json.loads(listed.stdout)]
+        shown = subprocess.run([tpy, "-m", "tractor_session", "ps", lease_id, "--json"], env=env, capture_output=True, text=True)
+        assert shown.returncode == 0, shown.stderr
+        procs = {proc["pid"]: proc for proc in json.loads(shown.stdout)["processes"]}
+        assert procs[tree["sub_pid"]]["ppid"] == tree["pid"]
+        assert f"sub-{name}" in procs[tree["sub_pid"]]["cmdline"], procs[tree["sub_pid"]]
+
+        attached = subprocess.run(
+            [tpy, "-m", "tractor_session", "exec", lease_id, "--", tpy, "-c", ATTACH, f"sub-{name}"],
+            env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        )
+        assert attached.returncode == 0, attached.stderr
+        assert attached.stdout.strip() == "found"
+        assert lease.stdin is not None
+        lease.stdin.close()
+        assert lease.wait(timeout=60) == 0
+    finally:
+        end_all([tree["pid"], tree["sub_pid"]])
+    wait_for(lambda: no_session_left(runtime), what="the session to end")

@@ -18,8 +18,10 @@ from tractor_session.client import ClientError
 from tractor_session.commands import (
     PROG,
     UsageError,
+    cmd_exec,
     cmd_gc,
     cmd_lease,
+    cmd_ps,
     cmd_release,
     cmd_renew,
     cmd_serve,
@@ -172,6 +174,38 @@ def _add_renew(sub: _Subparsers, fmt: _Format) -> None:
     p.set_defaults(func=cmd_renew)
 
 
+def _add_ps(sub: _Subparsers, fmt: _Format) -> None:
+    p = sub.add_parser(
+        "ps", formatter_class=fmt, help="show a session's processes and sockets",
+        description="Show what runs in a live session, as a tree under the process that\n"
+        "holds the lease: the processes the daemon would reap when the session\n"
+        "ends, each with its name and its command line, which is where tractor's\n"
+        "actors write their names. Then the socket files in the bindspace, and\n"
+        "whether anything listens on each.",
+        epilog="examples:\n  tractor-session ps 3f2a\n  tractor-session ps 3f2a --json | jq '.processes[].cmdline'",
+    )
+    p.add_argument("lease_id", metavar="ID", help="a lease id, or any unique prefix of one")
+    p.add_argument("--json", action="store_true", help="machine-readable output: the lease, processes and sockets")
+    p.set_defaults(func=cmd_ps)
+
+
+def _add_exec(sub: _Subparsers, fmt: _Format) -> None:
+    p = sub.add_parser(
+        "exec", formatter_class=fmt, help="run a command inside a live session",
+        description="Run CMD inside a live session, as one of its own: with its envelope\n"
+        "(_TRACTOR_RT_VARS, XDG_RUNTIME_DIR=<bindspace>, ...) and, if the session\n"
+        "has a private network, in that network. CMD is ended with the session;\n"
+        "it does not keep the session alive. Exits with CMD's status (128+N if\n"
+        "killed by N), 125 if the session cannot be found or joined and CMD never\n"
+        "ran, 124 if the session ended under CMD, 126/127 if CMD cannot be run.",
+        epilog="examples:\n  tractor-session exec 3f2a -- python attach_client.py\n"
+        "  tractor-session exec 3f2a -- sh      # a shell inside the session",
+    )
+    p.add_argument("lease_id", metavar="ID", help="a lease id, or any unique prefix of one")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_exec)
+
+
 def _add_gc(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "gc", formatter_class=fmt, help="remove what dead sessions left behind",
@@ -239,6 +273,8 @@ _COMMANDS = {
     "status": _add_status,
     "release": _add_release,
     "renew": _add_renew,
+    "ps": _add_ps,
+    "exec": _add_exec,
     "gc": _add_gc,
     "serve": _add_serve,
     "systemd": _add_systemd,

@@ -153,6 +153,28 @@ def cmd_renew(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from tractor_session import ps
+
+    with connect(autostart=False) as conn:
+        shown = ps.show(conn, args.lease_id)
+        daemon_pid = conn.daemon_pid()
+    found = ps.snapshot(shown, daemon_pid)
+    print(_json(found) if args.json else ps.render(found))
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command: list[str] = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command or not command[0]:
+        raise UsageError(f"give the command to run after the id and --, e.g. `{PROG} exec {args.lease_id} -- sh`")
+    from tractor_session.run import exec_in
+
+    return exec_in(args.lease_id, command)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     try:
         with connect(autostart=False) as conn:

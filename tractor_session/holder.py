@@ -17,6 +17,10 @@ Two things, both Linux, both inherited by everything CMD starts:
   isolated too.  Path-based unix sockets (the daemon's, the bindspace's)
   work across network namespaces; the host's loopback services do not.
 
+``tractor-session exec`` brings a command into such a network later: its
+child joins the holder's user and network namespaces
+(:func:`open_session_network`, :func:`join_network`).
+
 ``ctypes`` is imported only here, when a holder starts: it costs a few
 milliseconds, and ``os.unshare`` exists only from Python 3.12 on.
 """
@@ -89,6 +93,56 @@ def enter_private_network() -> None:
         _loopback_up()
     except OSError as err:
         raise PrivateNetworkError(f"could not set up the private network: {err}") from None
+
+
+def open_session_network(pid: int | None, netns: int | None) -> tuple[int, int]:
+    """Open the user and network namespaces of the session's holder ``pid``
+    (which :func:`join_network` enters), checked to be the session's
+    network ``netns``: a reused pid's would not be.  Opened here, in the
+    process that can still report why it cannot, and held open so that
+    the holder ending meanwhile changes nothing."""
+    if netns is None or pid is None:
+        raise PrivateNetworkError(
+            "the session's private network is not up yet (its command has not started); retry in a moment"
+        )
+    fds: list[int] = []
+    why = "it is no longer in that network"
+    try:
+        for kind in ("user", "net"):
+            fds.append(os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY))
+        if os.fstat(fds[1]).st_ino == netns:
+            return fds[0], fds[1]
+    except OSError as err:
+        why = err.strerror or str(err)
+    for fd in fds:
+        os.close(fd)
+    raise PrivateNetworkError(
+        f"cannot reach the session's private network through its holder, pid {pid}: {why}."
+        " The session is probably ending; see `tractor-session status`."
+    )
+
+
+def join_network(user_fd: int, net_fd: int) -> None:
+    """Enter the namespaces :func:`open_session_network` opened: the user
+    namespace first, which owns the network one and grants the right to
+    enter it.  setns(2) refuses a user namespace to a process with threads:
+    run this in a fresh child, between fork and exec.  One already inside
+    (``exec`` run from within the session) stays: it may lack the
+    capability to re-enter."""
+    for fd, kind, nstype in ((user_fd, "user", CLONE_NEWUSER), (net_fd, "net", CLONE_NEWNET)):
+        if os.fstat(fd).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino:
+            _setns(fd, nstype)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if hasattr(os, "setns"):  # Python 3.12
+        os.setns(fd, nstype)
+        return
+    import ctypes
+
+    if _libc().setns(fd, nstype) != 0:  # type: ignore[attr-defined]
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _write_proc(name: str, text: str) -> None:

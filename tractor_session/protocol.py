@@ -109,7 +109,15 @@ class GcRequest(Message, tag="gc"):
     grace: float | None = None
 
 
-Request = LeaseRequest | Release | Renew | Bind | StatusRequest | GcRequest
+class ShowRequest(Message, tag="show"):
+    """One live lease with the environment it hands out: what
+    ``tractor-session exec`` runs a command with, and what ``ps`` needs to
+    find the session's processes."""
+
+    lease_id: str
+
+
+Request = LeaseRequest | Release | Renew | Bind | StatusRequest | GcRequest | ShowRequest
 
 # -- replies ----------------------------------------------------------------
 
@@ -177,6 +185,17 @@ class GcReport(Message, tag="gc_report"):
     items: list[GcItem]
 
 
+class Shown(Message, tag="shown"):
+    """A live lease, its envelope, and what identifies its processes: the
+    holder's start time (a pid alone may have been reused) and the inode of
+    its private network namespace, once its holder has entered it."""
+
+    lease: LeaseInfo
+    env: dict[str, str]
+    holder_start: float | None = None
+    netns: int | None = None
+
+
 class Error(Message, tag="error"):
     """A refused request.  ``code`` is stable for programs, ``message`` is
     for people and says what to do next."""
@@ -185,7 +204,7 @@ class Error(Message, tag="error"):
     message: str
 
 
-Reply = Welcome | Granted | Released | Renewed | Bound | Status | GcReport | Error
+Reply = Welcome | Granted | Released | Renewed | Bound | Status | GcReport | Shown | Error
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(Hello | Request)

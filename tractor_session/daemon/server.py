@@ -36,6 +36,7 @@ from tractor_session.protocol import (
     LeaseRequest,
     Release,
     Renew,
+    ShowRequest,
     StatusRequest,
     Welcome,
 )
@@ -216,6 +217,8 @@ class Server:
                 return sessions.bind(sessions.find(lease_id), pid)
             case StatusRequest(lease_id=lease_id):
                 return sessions.status(lease_id)
+            case ShowRequest(lease_id=lease_id):
+                return await sessions.show(lease_id)
             case GcRequest(dry_run=dry_run, grace=grace):
                 if grace is not None and not 0 <= grace < 10**9:
                     raise LeaseError("bad-request", f"grace must be a non-negative number of seconds, not {grace}")

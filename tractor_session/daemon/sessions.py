@@ -41,6 +41,7 @@ from tractor_session.protocol import (
     Reaped,
     Released,
     Renewed,
+    Shown,
     Status,
 )
 from tractor_session.records import BINDSPACE_NAME_RE, read_record
@@ -222,6 +223,16 @@ class Sessions:
         else:
             leases = [lease for lease in self.table.leases.values() if lease.lease_id not in self.ending]
         return Status(os.getpid(), str(self.config.root), [lease.info() for lease in leases])
+
+    async def show(self, lease_id: str) -> Shown:
+        """A live lease and its envelope.  Not once it is ending (what joined
+        the session then would escape its reaping): that waits, to say why."""
+        lease = self.find(lease_id)
+        if (ending := self.ending.get(lease.lease_id)) is not None:
+            await ending.wait()
+            why = self.ended.get(lease.lease_id, "ended meanwhile")
+            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} has ended: {why}")
+        return Shown(lease.info(), lease.record.env, lease.record.holder_start, lease.record.netns)
 
     def connection_closed(self, lease: Lease) -> None:
         self.connected.discard(lease.lease_id)
