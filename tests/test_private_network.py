@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import DEADLINE, Runtime, wait_for
 
+from tractor_session.run import SESSION_ENDED
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="network namespaces are Linux's")
 
 # Binds tractor's default registry address on both loopbacks, asks the
@@ -91,6 +93,24 @@ def test_the_host_network_is_the_default(runtime: Runtime, daemon: subprocess.Po
     netns, net, (host, port) = json.loads(done.stdout)
     assert netns == os.readlink("/proc/self/ns/net") and net == "host"
     assert host == "127.0.0.1" and port != 1616  # a pool port of its own
+
+
+def test_a_private_session_ended_elsewhere_lets_lease_say_why(
+    runtime: Runtime, daemon: subprocess.Popen[bytes], tmp_path: Path,
+) -> None:
+    """The `lease` process shares its session's network, yet it is not the
+    session's to reap: it outlives CMD to report the end and exit 124."""
+    report = tmp_path / "inside.json"
+    cli = runtime.popen(
+        [sys.executable, "-m", "tractor_session", "lease", "--net", "private", "--",
+         sys.executable, "-c", INSIDE, str(report)],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    inside = wait_for(lambda: read_json(report), what="the private session to start")
+    assert runtime.cli("release", inside["session"]).returncode == 0
+    assert cli.wait(timeout=DEADLINE) == SESSION_ENDED
+    assert cli.stderr is not None and "released by pid" in cli.stderr.read().decode()
+    assert not runtime.bindspaces()
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")

@@ -172,22 +172,27 @@ class Sessions:
         """``by_holder``: the connection that holds the lease releases it.
         When that is ``lease -- CMD`` (CMD ended), the releasing process is
         the session's subreaper, and its descendants are the session's."""
-        if (ending := self.ending.get(lease.lease_id)) is not None:
-            # Something else is ending it: that is what the releaser must hear.
-            await ending.wait()
-            why = self.ended.get(lease.lease_id, "ended meanwhile")
-            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} has ended: {why}")
-        self.connected.discard(lease.lease_id)
+        await self._unless_ending(lease)
         # The requester may itself run inside the session (a script that
         # leased with --export): it and its ancestors are spared.
         reaped = await self.end_lease(
             lease, "released" if by_holder else f"released by {describe(peer.pid)}", released=True, spare=peer,
-            roots=frozenset([peer.pid]) if by_holder and lease.runs_command and peer.pid > 0 else frozenset(),
+            roots=frozenset([peer.pid]) if by_holder and lease.runner is not None and peer.pid > 0 else frozenset(),
         )
+        self.connected.discard(lease.lease_id)
         return Released(lease.lease_id, reaped)
 
+    async def _unless_ending(self, lease: Lease) -> None:
+        """Return at once, unless something else is ending ``lease``: then
+        wait for its end and raise why it ended, which is what a client
+        asking about it must hear."""
+        if (ending := self.ending.get(lease.lease_id)) is not None:
+            await ending.wait()
+            why = self.ended.get(lease.lease_id, "ended meanwhile")
+            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} has ended: {why}")
+
     def renew(self, lease: Lease, ttl: float | None) -> Renewed:
-        if lease.record.ttl is None and (lease.runs_command or lease.lease_id in self.connected):
+        if lease.record.ttl is None and (lease.runner is not None or lease.lease_id in self.connected):
             # A ttl would end the command in the middle of its work.
             raise LeaseError(
                 "bad-request",
@@ -212,7 +217,7 @@ class Sessions:
         if lease.record.net == "private" and (theirs := holder.network_namespace(pid)) != holder.network_namespace():
             netns = theirs
         self.table.update(lease, holder_pid=pid, holder_start=start, netns=netns)
-        lease.runs_command = lease.lease_id in self.connected
+        lease.runner = old_key[0] if lease.lease_id in self.connected else None
         self._untrack_holder(lease, old_key)
         self._track(lease)
         return Bound(lease.lease_id)
@@ -228,10 +233,7 @@ class Sessions:
         """A live lease and its envelope.  Not once it is ending (what joined
         the session then would escape its reaping): that waits, to say why."""
         lease = self.find(lease_id)
-        if (ending := self.ending.get(lease.lease_id)) is not None:
-            await ending.wait()
-            why = self.ended.get(lease.lease_id, "ended meanwhile")
-            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} has ended: {why}")
+        await self._unless_ending(lease)
         return Shown(lease.info(), lease.record.env, lease.record.holder_start, lease.record.netns)
 
     def connection_closed(self, lease: Lease) -> None:
@@ -363,10 +365,15 @@ class Sessions:
         """End a session's leftover processes, but ``spare`` and its
         ancestors."""
         record = lease.record
-        if lease.runs_command and record.holder_pid and is_alive(record.holder_pid, record.holder_start):
+        if lease.runner is not None and record.holder_pid and is_alive(record.holder_pid, record.holder_start):
             # The command of a ``lease -- CMD`` whose lease process died.
             roots |= {record.holder_pid}
         victims = await self.scanner.find(lease.lease_id, Target(roots, record.netns))
+        if lease.runner is not None and lease.lease_id in self.connected:
+            # The ``lease`` process is alive (its connection is open), in a
+            # private network it shares with the session: it ends when CMD
+            # does, and must be there to say why.
+            victims = [v for v in victims if v.pid != lease.runner]
         if victims and spare is not None:
             # Looked up only now: walking the ancestry costs, and most
             # sessions leave nothing to reap.

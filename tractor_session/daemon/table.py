@@ -38,9 +38,10 @@ class LeaseError(RuntimeError):
 class Lease:
     record: LeaseRecord
     ended: bool = False
-    # Held by a ``lease -- CMD`` process of this daemon's, bound to CMD:
-    # that process is the session's subreaper, whose descendants it owns.
-    runs_command: bool = False
+    # The pid of the ``lease -- CMD`` process that holds this lease through
+    # a connection of this daemon's, once bound to CMD: the session's
+    # subreaper, whose descendants are the session's.
+    runner: int | None = None
 
     @property
     def lease_id(self) -> str:
