@@ -26,8 +26,10 @@ from tractor_session.commands import (
     cmd_renew,
     cmd_serve,
     cmd_status,
+    cmd_stop,
     cmd_systemd,
     fail,
+    show_version,
 )
 
 TYPE_CHECKING = False  # see client.py
@@ -45,6 +47,20 @@ def _positive(convert: type[int] | type[float], zero: bool = False) -> Callable[
         return value
     parse.__name__ = convert.__name__
     return parse
+
+
+class _Version(argparse.Action):
+    """``--version``: this client's version and the running daemon's, then
+    exit; argparse's own action prints one fixed string."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+        values: str | Sequence[object] | None, option_string: str | None = None,
+    ) -> None:
+        parser.exit(show_version())
 
 
 # -- parser ---------------------------------------------------------------------
@@ -80,6 +96,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "  tractor-session status                     list live sessions\n"
         "\nThe daemon starts on demand; see `tractor-session serve --help`.",
     )
+    parser.add_argument("--version", action=_Version, help="show this version and the running daemon's, and exit")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     wanted = [argv[0]] if argv and argv[0] in _COMMANDS else list(_COMMANDS)
     for name in wanted:
@@ -227,9 +244,12 @@ def _add_serve(sub: _Subparsers, fmt: _Format) -> None:
     p = sub.add_parser(
         "serve", formatter_class=fmt, help="run the daemon in the foreground",
         description="Run the per-user daemon in the foreground. Clients start one on demand,\n"
-        "so this is for systemd, debugging, or custom settings. SIGTERM or SIGINT\n"
-        "stop it; live leases stay on disk and the next daemon re-adopts them.",
-        epilog="example:\n  tractor-session serve --port-pool 20000-29999",
+        "so this is for systemd, debugging, or custom settings. SIGTERM, SIGINT or\n"
+        "`tractor-session stop` stop it; live leases stay on disk and the next daemon\n"
+        "re-adopts them. It runs until then, unless given --exit-when-idle (a daemon\n"
+        "started on demand is: 300 s, or $TRACTOR_SESSION_EXIT_WHEN_IDLE, logging to\n"
+        "<root>-session/daemon.log).",
+        epilog="examples:\n  tractor-session serve --port-pool 20000-29999\n  tractor-session serve -v",
     )
     p.add_argument("--root", metavar="DIR", help=f"runtime root (default: ${envelope.ROOT_ENV} or tractor's)")
     p.add_argument("--socket", metavar="PATH", help="control socket (default: <root>-session/control.sock)")
@@ -250,8 +270,27 @@ def _add_serve(sub: _Subparsers, fmt: _Format) -> None:
                    help="largest request accepted (default: 65536)")
     p.add_argument("--max-connections", type=count, metavar="N",
                    help="most concurrent client connections (default: 1024)")
+    p.add_argument("--exit-when-idle", type=seconds, metavar="SECONDS",
+                   help="exit after SECONDS with no live lease and no client connected (default: never)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log every grant and release")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="the least severe messages logged (default: info; debug implies -v)")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="log to PATH, rotated past 1 MiB with one old copy (PATH.1), not to stderr")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_stop(sub: _Subparsers, fmt: _Format) -> None:
+    p = sub.add_parser(
+        "stop", formatter_class=fmt, help="stop the daemon; live leases carry over to the next",
+        description="Stop the daemon, as SIGTERM does: live leases stay on disk (their commands\n"
+        "keep running) and the next daemon, which the next command starts, re-adopts\n"
+        "them. Returns once the daemon has exited. With no daemon running, says so.\n"
+        "Use it to pick up a new version after an upgrade (see `tractor-session --version`).",
+        epilog="example:\n  tractor-session stop && tractor-session lease -- pytest   # under a fresh daemon",
+    )
+    p.set_defaults(func=cmd_stop)
 
 
 def _add_systemd(sub: _Subparsers, fmt: _Format) -> None:
@@ -277,6 +316,7 @@ _COMMANDS = {
     "exec": _add_exec,
     "gc": _add_gc,
     "serve": _add_serve,
+    "stop": _add_stop,
     "systemd": _add_systemd,
 }
 

@@ -5,20 +5,17 @@ every test run: no trio, no psutil, no msgspec (until a typed reply or a
 daemon start needs it), just a unix socket and the standard library's json.
 Replies come back as plain data from :meth:`Connection.call`, or as the
 protocol's typed structs from the named methods (which import msgspec on
-first use).  If no daemon answers, the client starts one, under a lock so
-that fifty clients starting at once end up with one daemon.
+first use).  If no daemon answers, the client starts one
+(:mod:`tractor_session.autostart`), under a lock so that fifty clients
+starting at once end up with one daemon.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import select
 import socket
-import sys
-import time
 
-from tractor_session import envelope, paths, wire
+from tractor_session import paths, wire
 
 # Not ``typing.TYPE_CHECKING``: importing typing costs milliseconds here.
 TYPE_CHECKING = False
@@ -34,6 +31,7 @@ if TYPE_CHECKING:
         Released,
         Renewed,
         Status,
+        Stopping,
         Transport,
     )
 
@@ -50,8 +48,6 @@ if TYPE_CHECKING:
         set_xdg: bool
         parent: str | None
 
-DAEMON_START_TIMEOUT = 10.0
-LOG_ROTATE_BYTES = 1 << 20
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 REPLY_TIMEOUT = 60.0
 
@@ -69,7 +65,16 @@ class ClientError(RuntimeError):
 
 class Connection:
     """One connection to the daemon.  Leases taken without a holder pid
-    live exactly as long as it stays open."""
+    live exactly as long as it stays open.
+
+    ``spawned``: this client started the daemon (on demand) and has not
+    had an answer yet.  If that first request fails (a lease refused, a
+    bad request), the daemon was started for nothing, so the client asks
+    it to stop *if idle*: only when it holds no lease and no other client
+    is connected (another one may have started using it meanwhile).  The
+    daemon decides, atomically, rather than a client guessing; a client
+    killed before it could ask leaves the daemon to ``--exit-when-idle``.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -80,9 +85,20 @@ class Connection:
             {"type": "hello", "version": wire.PROTOCOL_VERSION, "client": "tractor-session"}
         )
         self._daemon_pid = 0
+        self._daemon_version = ""
+        self.spawned = False
 
     def daemon_pid(self) -> int:
         """The daemon's pid (says hello first if no request has yet)."""
+        self._say_hello()
+        return self._daemon_pid
+
+    def daemon_version(self) -> str:
+        """The daemon's package version; empty from a daemon too old to say."""
+        self._say_hello()
+        return self._daemon_version
+
+    def _say_hello(self) -> None:
         if self._hello is not None:
             try:
                 self._handshake(b"")
@@ -90,16 +106,16 @@ class Connection:
                 raise ClientError("unreachable", f"the daemon did not answer: {err}") from None
             except wire.ProtocolError as err:
                 raise ClientError("protocol", str(err)) from None
-        return self._daemon_pid
 
     def _handshake(self, request: bytes) -> None:
         assert self._hello is not None
         self.sock.sendall(self._hello + request)
         self._hello = None
         welcome = _checked(wire.decode(self._receive_body()), "welcome")
-        if not isinstance(pid := welcome.get("daemon_pid"), int):
+        pid, version = welcome.get("daemon_pid"), welcome.get("daemon_version", "")
+        if not isinstance(pid, int) or not isinstance(version, str):
             raise ClientError("protocol", f"malformed welcome from the daemon: {welcome!r:.200}")
-        self._daemon_pid = pid
+        self._daemon_pid, self._daemon_version = pid, version
 
     def __enter__(self) -> Connection:
         return self
@@ -139,18 +155,41 @@ class Connection:
         """Send ``request`` (a message as plain data) and return the reply
         as plain data.  An error reply, or one that is not of the
         ``expected`` type, raises :class:`ClientError`."""
-        return _checked(self._exchange(request, wire.decode), expected)
+        try:
+            reply = _checked(self._exchange(request, wire.decode), expected)
+        except ClientError as err:
+            self._failed(err)
+            raise
+        self.spawned = False
+        return reply
 
     def _ask(self, request: dict[str, Any], expected: type[R]) -> R:
         """Like :meth:`call`, with the reply decoded straight into its struct."""
         from tractor_session import protocol
 
-        reply = self._exchange(request, protocol.decode_reply)
-        if isinstance(reply, protocol.Error):
-            raise ClientError(reply.code, reply.message)
-        if not isinstance(reply, expected):
-            raise ClientError("protocol", f"the daemon answered {request['type']!r} with {type(reply).__name__}")
+        try:
+            reply = self._exchange(request, protocol.decode_reply)
+            if isinstance(reply, protocol.Error):
+                raise ClientError(reply.code, reply.message)
+            if not isinstance(reply, expected):
+                raise ClientError("protocol", f"the daemon answered {request['type']!r} with {type(reply).__name__}")
+        except ClientError as err:
+            self._failed(err)
+            raise
+        self.spawned = False
         return reply
+
+    def _failed(self, err: ClientError) -> None:
+        """A request failed: if it was the first to a daemon this client
+        started, ask that daemon to stop if idle (see the class docstring).
+        Not when the connection itself is broken or out of step."""
+        if self.spawned:
+            self.spawned = False
+            if err.code not in ("unreachable", "protocol"):
+                try:
+                    self._exchange({"type": "stop", "if_idle": True}, wire.decode)
+                except ClientError:
+                    pass  # best effort: --exit-when-idle ends it later anyway
 
     def lease(self, transport: Transport = "tcp", **fields: Unpack[LeaseFields]) -> Granted:
         from tractor_session.protocol import Granted
@@ -181,6 +220,14 @@ class Connection:
         from tractor_session.protocol import Status
 
         return self._ask({"type": "status", "lease_id": lease_id}, Status)
+
+    def stop(self) -> Stopping:
+        """Ask the daemon to stop as SIGTERM stops it (its live leases stay
+        on disk for the next daemon).  It answers first, then exits:
+        :func:`tractor_session.autostart.wait_for_daemon_exit` waits for that."""
+        from tractor_session.protocol import Stopping
+
+        return self._ask({"type": "stop"}, Stopping)
 
 
 def grant(conn: Connection, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -248,7 +295,7 @@ def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, An
     return reply
 
 
-def _try_connect(path: str) -> Connection | None:
+def try_connect(path: str) -> Connection | None:
     if (too_long := paths.socket_too_long(path)) is not None:
         raise ClientError("unreachable", too_long)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -273,145 +320,11 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
     if os.path.lexists(control := os.path.dirname(sock_path) or "."):
         # Someone who can swap this directory could impersonate the daemon.
         paths.check_private_dir(control)
-    if (conn := _try_connect(sock_path)) is not None:
+    if (conn := try_connect(sock_path)) is not None:
         return conn
     if not autostart:
         raise ClientError("no-daemon", f"no tractor-session daemon runs at {sock_path}")
-    return _start_daemon(sock_path, env)
+    from tractor_session import autostart as on_demand
 
+    return on_demand.start_daemon(sock_path, env)
 
-def _start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
-    """Start a daemon in the background, unless another client beats us.
-
-    The spawn lock serialises clients that found no daemon; each re-checks
-    after taking it, so only the first one actually starts a daemon.
-    """
-    root = paths.runtime_root(env)
-    if (too_long := paths.root_too_long(root)) is not None:
-        raise ClientError("unreachable", f"cannot start a daemon: {too_long}")
-    # Checked here too so that an unsafe directory is named to the user
-    # rather than only in the log of a daemon that refused to start.
-    paths.ensure_private_dir(root)
-    paths.ensure_private_dir(control := os.path.dirname(sock_path) or ".")
-    spawn_lock = os.path.join(control, paths.SPAWN_LOCK_NAME)
-    try:
-        lock_fd = os.open(spawn_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError as err:
-        raise ClientError("unreachable", f"cannot start a daemon: {spawn_lock}: {err.strerror}") from None
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        if (conn := _try_connect(sock_path)) is not None:
-            return conn
-        _wait_for_previous_daemon(os.path.join(paths.control_dir(root), paths.DAEMON_LOCK_NAME))
-        _spawn_daemon(root, sock_path, env)
-        if (conn := _try_connect(sock_path)) is None:
-            raise ClientError("unreachable", f"the daemon started but does not answer at {sock_path}")
-        return conn
-    finally:
-        os.close(lock_fd)
-
-
-def _wait_for_previous_daemon(lock_path: str) -> None:
-    """A daemon that is stopping has closed its socket but still holds its
-    lock for a moment; a new one started now would refuse to run."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return
-    try:
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                time.sleep(0.02)
-    finally:
-        os.close(fd)
-
-
-def _last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as log:
-            lines = log.read().strip().splitlines()
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no log"
-
-
-# Run by an intermediate interpreter that exits at once: the daemon it
-# forks is nobody's child (re-parented to init, or to a subreaper above
-# us), so no harness that signals its own children (tractor's pytest
-# reapers do) can stop it, the way gpg-agent detaches.  The daemon's pid
-# goes down the ready pipe first, so that one that never gets ready can be
-# killed.
-_DETACH = """\
-import os, sys
-ready = int(sys.argv[1])
-pid = os.fork()
-if pid:
-    os.write(ready, b"%d\\n" % pid)
-    os._exit(0)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
-
-
-def _spawn_daemon(root: str, sock_path: str, env: dict[str, str]) -> None:
-    # Imported here: starting a daemon is the cold path.
-    import signal
-    import subprocess
-
-    log_path = os.path.join(os.path.dirname(sock_path), paths.DAEMON_LOG_NAME)
-    # A session's variables must not leak into a daemon started from inside
-    # it: the daemon is everyone's, not the session's.
-    daemon_env = {k: v for k, v in env.items() if k not in envelope.SESSION_VARS}
-    daemon_env[envelope.ROOT_ENV] = root
-    read_fd, write_fd = os.pipe()
-    try:
-        # Keep one old log: a daemon that runs for weeks must not fill the disk.
-        if os.path.exists(log_path) and os.path.getsize(log_path) > LOG_ROTATE_BYTES:
-            os.replace(log_path, log_path + ".1")
-        with open(log_path, "ab") as log:
-            os.chmod(log_path, 0o600)
-            detacher = subprocess.Popen(
-                [sys.executable, "-c", _DETACH, str(write_fd),
-                 "-m", "tractor_session", "serve",
-                 "--root", root, "--socket", sock_path, "--ready-fd", str(write_fd)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                pass_fds=(write_fd,), start_new_session=True, env=daemon_env,
-                cwd="/",
-            )
-        os.close(write_fd)
-        write_fd = -1
-        detacher.wait()
-        said = _read_until_ready(read_fd, DAEMON_START_TIMEOUT)
-        if not said.endswith(b"ready\n"):
-            pid = said.split(b"\n")[0]
-            if pid.isdigit():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-            raise ClientError(
-                "unreachable",
-                f"the daemon did not start: {_last_line(log_path)} (full log: {log_path})",
-            )
-    except OSError as err:
-        raise ClientError("unreachable", f"cannot start a daemon: {err}") from None
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
-            os.close(write_fd)
-
-
-def _read_until_ready(fd: int, timeout: float) -> bytes:
-    """What the daemon's side of the ready pipe said until ``ready``, its
-    end (the daemon died) or ``timeout``."""
-    said = b""
-    deadline = time.monotonic() + timeout
-    while not said.endswith(b"ready\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready or not (data := os.read(fd, 64)):
-            break
-        said += data
-    return said

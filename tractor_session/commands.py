@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROG = "tractor-session"
+STOP_TIMEOUT = 15.0
+"""How long ``stop`` waits for the daemon to let go of its lock."""
 
 
 class UsageError(Exception):
@@ -202,6 +204,74 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the daemon and return once it has let go of its lock, so that
+    the next command starts a fresh one (`stop && lease ...`)."""
+    from tractor_session import autostart
+
+    try:
+        conn = connect(autostart=False)
+    except ClientError as err:
+        if err.code != "no-daemon":
+            raise
+        print(f"no daemon runs ({err}); nothing to stop")
+        return 0
+    root = paths.runtime_root()
+    with conn:
+        try:
+            stopping = conn.stop()
+            pid, kept, root = stopping.daemon_pid, f"{stopping.leases}", stopping.root
+        except ClientError as err:
+            if err.code not in ("protocol", "version"):
+                raise
+            # A daemon of another version that does not know the request
+            # (or this client): SIGTERM stops it the same way.
+            pid, kept = autostart.terminate_daemon(root), "its"
+    if not autostart.wait_for_daemon_exit(root, STOP_TIMEOUT):
+        return fail(
+            f"the daemon (pid {pid}) was asked to stop but still runs after {STOP_TIMEOUT:g} s;"
+            f" see its log ({os.path.join(paths.control_dir(root), paths.DAEMON_LOG_NAME)}"
+            f" unless it runs under systemd), or `kill {pid}`"
+        )
+    autostart.wait_for_process_end(pid, 2.0)
+    print(f"stopped the daemon (pid {pid})" + (
+        "" if kept == "0" else f"; {kept} live leases stay on disk, and the next daemon re-adopts them"
+    ))
+    return 0
+
+
+def show_version() -> int:
+    """``--version``: this client's version and, when a daemon runs, the
+    daemon's.  They differ when a daemon started before an upgrade still
+    runs; that is said, with what to do."""
+    import tractor_session
+
+    ours = tractor_session.__version__
+    print(f"{PROG} {ours}")
+    try:
+        with connect(autostart=False) as conn:
+            theirs, pid = conn.daemon_version(), conn.daemon_pid()
+    except ClientError as err:
+        if err.code == "no-daemon":
+            print("daemon: none runs (the next command starts one)")
+            return 0
+        if err.code != "version":
+            return fail(f"cannot ask the daemon its version: {err}")
+        print(f"daemon: of another version ({err})")
+    except paths.UnsafePathError as err:
+        return fail(str(err))
+    else:
+        print(f"daemon {theirs} (pid {pid})" if theirs else f"daemon (pid {pid}): too old to say its version")
+        if theirs == ours:
+            return 0
+    print(
+        f"{PROG}: the daemon's version differs from this client's; run `{PROG} stop`,"
+        " and the next command starts a daemon of this version (live leases carry over)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_systemd(args: argparse.Namespace) -> int:
     from tractor_session import systemd_units as systemd
 
@@ -227,11 +297,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return fail(str(err))
     # Only what was given: the defaults live in daemon.Config.
     tuning = {name: getattr(args, name) for name in _SERVE_TUNING if getattr(args, name) is not None}
+    if args.log_file is not None:
+        tuning["log_file"] = Path(args.log_file)
     config = daemon.Config(root=root, socket=sock, port_pool=pool, **tuning)
     return daemon.serve(config, ready_fd=args.ready_fd)
 
 
 _SERVE_TUNING = (
     "reap_grace", "max_leases", "gc_interval", "gc_grace", "request_timeout",
-    "idle_timeout", "max_message_bytes", "max_connections",
+    "idle_timeout", "max_message_bytes", "max_connections", "exit_when_idle", "log_level", "verbose",
 )

@@ -117,7 +117,16 @@ class ShowRequest(Message, tag="show"):
     lease_id: str
 
 
-Request = LeaseRequest | Release | Renew | Bind | StatusRequest | GcRequest | ShowRequest
+class Stop(Message, tag="stop"):
+    """Stop the daemon the way SIGTERM does: its live leases stay on disk
+    and the next daemon re-adopts them.  ``if_idle``: only if it holds no
+    lease and no client but the asker is connected; what a client that
+    started a daemon sends when its first request failed."""
+
+    if_idle: bool = False
+
+
+Request = LeaseRequest | Release | Renew | Bind | StatusRequest | GcRequest | ShowRequest | Stop
 
 # -- replies ----------------------------------------------------------------
 
@@ -141,6 +150,10 @@ class LeaseInfo(msgspec.Struct, forbid_unknown_fields=True):
 class Welcome(Message, tag="welcome"):
     version: int
     daemon_pid: int
+    daemon_version: str = ""
+    """The daemon's package version (``tractor_session.__version__``), so
+    that ``tractor-session --version`` can tell an old daemon still
+    running; empty from a daemon older than this field."""
 
 
 class Granted(Message, tag="granted"):
@@ -204,7 +217,19 @@ class Error(Message, tag="error"):
     message: str
 
 
-Reply = Welcome | Granted | Released | Renewed | Bound | Status | GcReport | Shown | Error
+class Stopping(Message, tag="stopping"):
+    """The answer to :class:`Stop`, sent before the daemon stops.  ``root``
+    names its lock, which it holds until it has let go of everything;
+    ``leases``: how many stay on disk for the next daemon; ``stopping`` is
+    False when an ``if_idle`` stop found the daemon in use."""
+
+    daemon_pid: int
+    root: str
+    leases: int
+    stopping: bool = True
+
+
+Reply = Welcome | Granted | Released | Renewed | Bound | Status | GcReport | Shown | Stopping | Error
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(Hello | Request)

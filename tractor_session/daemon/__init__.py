@@ -4,6 +4,8 @@ Composed, outermost first:
 
 - :mod:`.main`: start-up and shut-down: the one-daemon lock, the control
   socket (or systemd's), signals, readiness and the watchdog;
+- :mod:`.lifetime`: what ends the daemon: a signal, a ``stop`` request,
+  or an idle stretch (``--exit-when-idle``);
 - :mod:`.server`: connections: peer credentials, framing with limits and
   timeouts, the hello, and turning requests into calls on the sessions;
 - :mod:`.sessions`: the lease rules: who may hold what, and what ends a

@@ -23,3 +23,11 @@ class Config:
     max_leases: int = 20000
     gc_interval: float = 60.0
     gc_grace: float = gc.DEFAULT_GRACE
+    exit_when_idle: float | None = None
+    """Exit after this many seconds with no live lease and no client
+    connected; None (by hand, under systemd): never."""
+    log_level: str = "info"
+    verbose: bool = False
+    """Also log every grant and release (see ``systemd.configure_logging``)."""
+    log_file: Path | None = None
+    """Log there, rotated, rather than to stderr."""

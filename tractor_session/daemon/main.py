@@ -2,8 +2,9 @@
 
 :func:`serve` takes the one-daemon-per-root lock, binds the control socket
 (or takes the one systemd passes), composes the sessions and the server,
-and runs them under trio until SIGTERM or SIGINT.  Stopping keeps every
-live lease on disk for the next daemon to re-adopt.
+and runs them under trio until SIGTERM, SIGINT, a ``stop`` request or
+(if asked) a long enough idle stretch (:mod:`.lifetime`).  Stopping keeps
+every live lease on disk for the next daemon to re-adopt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 from tractor_session import paths
 from tractor_session.daemon import systemd
 from tractor_session.daemon.config import Config
+from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.ports import PortPoolError
 from tractor_session.daemon.server import Server
 from tractor_session.daemon.sessions import Sessions
@@ -74,10 +76,11 @@ def _bind_control_socket(path: Path) -> socket.socket:
 
 
 async def _run(
-    config: Config, sessions: Sessions, sock: socket.socket, notifier: systemd.Notifier, ready_fd: int | None
+    config: Config, sessions: Sessions, lifetime: Lifetime, sock: socket.socket,
+    notifier: systemd.Notifier, ready_fd: int | None,
 ) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    server = Server(config, sessions)
+    server = Server(config, sessions, lifetime)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(sessions.run)
@@ -89,19 +92,16 @@ async def _run(
                 os.close(ready_fd)
             notifier.send("READY=1", f"STATUS={len(sessions.table)} live leases")
             log.info(
-                "serving %s: root %s, %d leases re-adopted, ports %d-%d",
+                "serving %s: root %s, %d leases re-adopted, ports %d-%d%s",
                 config.socket, config.root, sessions.readopted,
                 config.port_pool.start, config.port_pool.stop - 1,
+                "" if config.exit_when_idle is None else f", exits after {config.exit_when_idle:g} s idle",
             )
-            async for signum in signals:
-                sessions.stopping = True
-                notifier.send("STOPPING=1")
-                log.info(
-                    "stopping on %s; %d live leases stay on disk for the next daemon",
-                    signal.Signals(signum).name, len(sessions.table),
-                )
-                nursery.cancel_scope.cancel()
-                break
+            why = await lifetime.wait(signals, server.idle)
+            sessions.stopping = True
+            notifier.send("STOPPING=1")
+            log.info("stopping %s; %d live leases stay on disk for the next daemon", why, len(sessions.table))
+            nursery.cancel_scope.cancel()
 
 
 async def _feed_watchdog(notifier: systemd.Notifier, interval: float) -> None:
@@ -121,10 +121,14 @@ def _raise_fd_limit() -> None:
 
 
 def serve(config: Config, ready_fd: int | None = None) -> int:
-    """Run the daemon in this process until SIGTERM/SIGINT; return the exit
+    """Run the daemon in this process until it is stopped; return the exit
     status.  Under systemd, serve on the socket it passes and report
     readiness; otherwise bind ``config.socket``."""
-    systemd.configure_logging()
+    try:
+        systemd.configure_logging(config.log_level, config.verbose, config.log_file)
+    except OSError as err:
+        print(f"tractor-session serve: cannot open the log file: {err}", file=sys.stderr)
+        return 1
     notifier = systemd.Notifier()
     try:
         activated = systemd.take_listen_socket()
@@ -143,7 +147,8 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
         control = Path(paths.control_dir(config.root))
         paths.ensure_private_dir(control)
         lock_fd = acquire_daemon_lock(control)
-        sessions = Sessions(config, notifier)
+        lifetime = Lifetime(config.exit_when_idle)
+        sessions = Sessions(config, notifier, lifetime)
     except (AlreadyRunning, paths.UnsafePathError, PortPoolError) as err:
         print(f"tractor-session serve: {err}", file=sys.stderr)
         return 1
@@ -152,7 +157,7 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
     os.umask(0o077)
     sock = activated if activated is not None else _bind_control_socket(config.socket)
     try:
-        trio.run(_run, config, sessions, sock, notifier, ready_fd)
+        trio.run(_run, config, sessions, lifetime, sock, notifier, ready_fd)
     finally:
         # systemd owns an activated socket's file: it must outlive us.
         if activated is None:

@@ -9,6 +9,10 @@ one connection, never the daemon: a malformed frame closes it with a
 
 Leases taken without a holder pid are bound to the connection that took
 them and end when it closes.
+
+A ``stop`` request is answered first; only then is the daemon stopped
+(:class:`~tractor_session.daemon.lifetime.Lifetime`), so that the client
+hears it and knows which lock to wait on.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import struct
 
 import trio
 
+import tractor_session
 from tractor_session import protocol, wire
 from tractor_session.daemon.config import Config
-from tractor_session.daemon.holders import Peer
+from tractor_session.daemon.holders import Peer, describe
+from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.sessions import Sessions
 from tractor_session.daemon.table import Lease, LeaseError, explain_os_error
 from tractor_session.protocol import (
@@ -38,6 +44,8 @@ from tractor_session.protocol import (
     Renew,
     ShowRequest,
     StatusRequest,
+    Stop,
+    Stopping,
     Welcome,
 )
 from tractor_session.wire import ProtocolError
@@ -98,10 +106,15 @@ class FrameReader:
 
 
 class Server:
-    def __init__(self, config: Config, sessions: Sessions) -> None:
+    def __init__(self, config: Config, sessions: Sessions, lifetime: Lifetime) -> None:
         self.config = config
         self.sessions = sessions
+        self.lifetime = lifetime
         self.connections = 0
+
+    def idle(self, own: int = 0) -> bool:
+        """No live lease, and no connection open but ``own`` of them."""
+        return self.connections <= own and not self.sessions.table
 
     async def serve(self, listener: trio.SocketListener) -> None:
         await trio.serve_listeners(self._serve_connection, [listener])
@@ -109,6 +122,7 @@ class Server:
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         held: list[Lease] = []
         self.connections += 1
+        self.lifetime.changed()
         try:
             pid, uid = peer_credentials(stream.socket)
             if uid != os.getuid():
@@ -136,6 +150,7 @@ class Server:
             await self._send(stream, Error("internal", f"the daemon hit an internal error: {err!r}; see its log"))
         finally:
             self.connections -= 1
+            self.lifetime.changed()
             await stream.aclose()
             for lease in held:
                 self.sessions.connection_closed(lease)
@@ -162,10 +177,10 @@ class Server:
                 "version",
                 f"protocol version mismatch: client speaks {hello.version}, daemon"
                 f" (pid {os.getpid()}) speaks {wire.PROTOCOL_VERSION}. Stop the"
-                " daemon (`kill` it) so that a matching one starts, or upgrade.",
+                " daemon (`tractor-session stop`, or `kill` it) so that a matching one starts, or upgrade.",
             ))
             return
-        welcome = protocol.frame(Welcome(wire.PROTOCOL_VERSION, os.getpid()))
+        welcome = protocol.frame(Welcome(wire.PROTOCOL_VERSION, os.getpid(), tractor_session.__version__))
         if not reader.buf:
             await stream.send_all(welcome)
             welcome = b""
@@ -196,6 +211,9 @@ class Server:
             if stuck.cancelled_caught:
                 raise ProtocolError("the client does not read its replies; closing")
             welcome = b""
+            if isinstance(reply, Stopping) and reply.stopping:
+                self.lifetime.stop(f"at the request of {describe(peer.pid)}" if peer.pid > 0 else "on request")
+                return
 
     async def _handle(self, request: protocol.Message, peer: Peer, held: list[Lease]) -> protocol.Message:
         sessions = self.sessions
@@ -219,6 +237,10 @@ class Server:
                 return sessions.status(lease_id)
             case ShowRequest(lease_id=lease_id):
                 return await sessions.show(lease_id)
+            case Stop(if_idle=if_idle):
+                # An if_idle stop: nothing may be in use but the asker's connection.
+                stopping = not if_idle or self.idle(own=1)
+                return Stopping(os.getpid(), str(self.config.root), len(sessions.table), stopping)
             case GcRequest(dry_run=dry_run, grace=grace):
                 if grace is not None and not 0 <= grace < 10**9:
                     raise LeaseError("bad-request", f"grace must be a non-negative number of seconds, not {grace}")

@@ -29,8 +29,9 @@ from tractor_session import holder, protocol
 from tractor_session.daemon import reaping
 from tractor_session.daemon.config import Config
 from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, check_holder, describe
+from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.ports import PortPool
-from tractor_session.daemon.systemd import Notifier
+from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
 from tractor_session.procs import Target, is_alive, last_pid
@@ -47,6 +48,7 @@ from tractor_session.protocol import (
 from tractor_session.records import BINDSPACE_NAME_RE, read_record
 
 log = logging.getLogger("tractor_session.daemon")
+traffic = logging.getLogger(LEASE_TRAFFIC)  # grants and releases: `serve -v`
 
 CONNECTION_CLOSED = "its holder's connection closed"
 ENDED_REMEMBERED = 256
@@ -60,9 +62,10 @@ def _check_ttl(ttl: float) -> None:
 
 
 class Sessions:
-    def __init__(self, config: Config, notifier: Notifier) -> None:
+    def __init__(self, config: Config, notifier: Notifier, lifetime: Lifetime) -> None:
         self.config = config
         self.notifier = notifier
+        self.lifetime = lifetime
         self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
         self.ending: dict[str, trio.Event] = {}
         # One watch per holder process, however many leases it holds.
@@ -161,8 +164,8 @@ class Sessions:
             self.spawn_marks[lease.lease_id] = mark
         self._track(lease)
         self._announce()
-        if log.isEnabledFor(logging.DEBUG):  # info() is work; grants are the hot path
-            log.debug(
+        if traffic.isEnabledFor(logging.INFO):  # info() is work; grants are the hot path
+            traffic.info(
                 "granted %s to pid %s: %s %s", short_name(lease.lease_id), holder,
                 lease.record.transport, lease.info().registry_addr,
             )
@@ -241,7 +244,9 @@ class Sessions:
         self._end_in_background(lease, CONNECTION_CLOSED)
 
     def _announce(self) -> None:
+        """The number of leases changed: tell systemd, and the idle clock."""
         self.notifier.send(f"STATUS={len(self.table)} live leases")
+        self.lifetime.changed()
 
     # -- what ends a lease by itself: its holder's death, its ttl -------
 
@@ -340,11 +345,10 @@ class Sessions:
         finally:
             del self.ending[lease.lease_id]
             done.set()
-        # A release, or a client closing its connection, is routine; a
-        # death, an expiry or a reap is worth a line.
+        # A release, or a client closing its connection, is routine (logged
+        # with the grants, if asked); a death, an expiry or a reap is worth a line.
         routine = released or reason == CONNECTION_CLOSED
-        log.log(
-            logging.DEBUG if routine and not reaped else logging.INFO,
+        (traffic if routine and not reaped else log).info(
             "ended %s (%s)%s", short_name(lease.lease_id), reason,
             f", reaped {len(reaped)}: " + ", ".join(f"{r.pid} {r.cmdline[:60]!r}" for r in reaped)
             if reaped else "",

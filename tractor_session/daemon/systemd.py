@@ -1,4 +1,6 @@
-"""Running under systemd: socket activation, sd_notify and journal logs.
+"""Running under systemd: socket activation, sd_notify and journal logs;
+and the daemon's logging wherever it runs (the journal, stderr, or a
+rotated file).
 
 The notify and activation protocols are a few lines of stdlib each, so we
 speak them directly instead of depending on a binding library.  The unit
@@ -7,10 +9,13 @@ files themselves are :mod:`tractor_session.systemd_units`'.
 
 from __future__ import annotations
 
+import io
 import logging
+import logging.handlers
 import os
 import socket
 import sys
+from pathlib import Path
 
 SD_LISTEN_FDS_START = 3
 UNIT_NAMES = ("tractor-session.socket", "tractor-session.service")
@@ -97,9 +102,58 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-def configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
+LOG_ROTATE_BYTES = 1 << 20
+LEASE_TRAFFIC = "tractor_session.daemon.leases"
+"""The logger of every grant and routine release, at INFO."""
+
+
+class RotatingLog(logging.handlers.RotatingFileHandler):
+    """The log file of a daemon that may run for weeks: rotated past
+    :data:`LOG_ROTATE_BYTES`, one old copy kept (``PATH.1``), owner-only.
+
+    Whichever of stdout and stderr was this file when the daemon started
+    (a daemon started on demand: what it says before logging starts, and
+    a traceback) follows it to each new file, rather than writing on into
+    the old copy."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=LOG_ROTATE_BYTES, backupCount=1)
+        assert self.stream is not None
+        ours = os.fstat(self.stream.fileno())
+        self._following = [fd for fd in (1, 2) if _is_file(fd, ours)]
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self.stream is not None:
+            for fd in self._following:
+                os.dup2(self.stream.fileno(), fd)
+
+
+def _is_file(fd: int, st: os.stat_result) -> bool:
+    try:
+        mine = os.fstat(fd)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
+def configure_logging(level: str = "info", verbose: bool = False, log_file: Path | None = None) -> None:
+    """Log at ``level`` and above to ``log_file`` (rotated), or to stderr:
+    in the journal's format when stderr is the journal.
+
+    Grants and routine releases are logged at INFO on :data:`LEASE_TRAFFIC`,
+    which stays quiet unless ``verbose`` (or ``level`` is debug): a busy
+    test host makes thousands an hour, and grants are the hot path."""
+    handler: logging.Handler
+    if log_file is not None:
+        handler = RotatingLog(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if log_file is None and stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter(
@@ -107,4 +161,8 @@ def configure_logging() -> None:
         ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    threshold = logging.getLevelNamesMapping()[level.upper()]
+    root.setLevel(threshold)
+    logging.getLogger(LEASE_TRAFFIC).setLevel(
+        logging.NOTSET if verbose or threshold <= logging.DEBUG else logging.WARNING
+    )
