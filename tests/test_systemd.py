@@ -578,6 +578,26 @@ def test_install_without_systemctl_user_writes_units_and_says_how_to_enable(home
     assert "ran systemctl" not in done.stdout  # it must not claim what it could not do
 
 
+@pytest.mark.parametrize("why", ["no user bus", "no systemctl"])
+def test_install_now_without_systemctl_user_fails_and_says_what_to_do(home: dict[str, Path], why: str) -> None:
+    env = isolated_env(home)
+    if why == "no systemctl":
+        empty = home["base"] / "empty-path"
+        empty.mkdir()
+        env["PATH"] = str(empty)
+    elif shutil.which("systemctl") and subprocess.run(
+        ["systemctl", "--user", "daemon-reload"], env=env, capture_output=True
+    ).returncode == 0:
+        pytest.skip("this machine has a user manager: systemctl --user works")
+    done = run_cli("systemd", "install", "--now", env=env, cwd=home["home"])
+    assert done.returncode == 1, done
+    assert "systemctl --user failed" in done.stderr and "loginctl enable-linger" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    unit_dir = home["home"] / ".config" / "systemd" / "user"
+    assert (unit_dir / "tractor-session.socket").is_file()  # written all the same
+    assert "enabled and started" not in done.stdout
+
+
 def test_uninstall_with_nothing_installed_says_so(home: dict[str, Path]) -> None:
     done = run_cli("systemd", "uninstall", env=isolated_env(home), cwd=home["home"])
     assert done.returncode == 0, done.stderr

@@ -275,7 +275,11 @@ def show_version() -> int:
 def cmd_systemd(args: argparse.Namespace) -> int:
     from tractor_session import systemd_units as systemd
 
-    said = systemd.install(args.now) if args.action == "install" else systemd.uninstall()
+    try:
+        said = systemd.install(args.now) if args.action == "install" else systemd.uninstall()
+    except systemd.SystemctlError as err:
+        print("\n".join(err.said))
+        return fail(str(err))
     print("\n".join(said))
     return 0
 

@@ -93,8 +93,25 @@ def _systemctl(*args: str) -> tuple[bool, str]:
     return done.returncode == 0, (done.stderr or done.stdout).strip()
 
 
+class SystemctlError(RuntimeError):
+    """``systemctl --user`` failed where the user asked it to act (``--now``);
+    ``said`` is what was done before."""
+
+    def __init__(self, message: str, said: list[str]) -> None:
+        super().__init__(message)
+        self.said = said
+
+
+ENABLE = "systemctl --user enable --now tractor-session.socket"
+
+
 def install(now: bool) -> list[str]:
-    """Write the units and tell systemd; return what was done, line by line."""
+    """Write the units and tell systemd; return what was done, line by line.
+
+    Without ``now``, a user manager that cannot be reached is no failure:
+    the units are written and the lines say how to enable them later.  With
+    ``now``, the user asked for a running service: :class:`SystemctlError`
+    (after the units are written) names what failed and what to do."""
     unit_dir = user_unit_dir()
     unit_dir.mkdir(parents=True, exist_ok=True)
     said = []
@@ -102,20 +119,22 @@ def install(now: bool) -> list[str]:
         (unit_dir / name).write_text(text)
         said.append(f"wrote {unit_dir / name}")
     ok, why = _systemctl("daemon-reload")
-    if not ok:
-        said.append(f"systemctl --user is unavailable ({why}); to enable later, run:")
-        said.append("  systemctl --user daemon-reload && systemctl --user enable --now tractor-session.socket")
-        return said
-    said.append("ran systemctl --user daemon-reload")
-    if now:
+    if ok:
+        said.append("ran systemctl --user daemon-reload")
+        if not now:
+            return [*said, f"start it with: {ENABLE}"]
         ok, why = _systemctl("enable", "--now", "tractor-session.socket")
-        said.append(
-            "enabled and started tractor-session.socket" if ok
-            else f"systemctl --user enable --now tractor-session.socket failed: {why}"
-        )
-    else:
-        said.append("start it with: systemctl --user enable --now tractor-session.socket")
-    return said
+        if ok:
+            return [*said, "enabled and started tractor-session.socket"]
+    elif not now:
+        return [*said, f"systemctl --user is unavailable ({why}); to enable later, run:",
+                f"  systemctl --user daemon-reload && {ENABLE}"]
+    raise SystemctlError(
+        f"the units are written, but systemctl --user failed: {why}. Without a user manager"
+        " (no login session, as over su or in a container), run `loginctl enable-linger $USER`"
+        f" or log in, then: systemctl --user daemon-reload && {ENABLE}",
+        said,
+    )
 
 
 def uninstall() -> list[str]:
