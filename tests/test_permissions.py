@@ -30,6 +30,7 @@ import pytest
 from conftest import (
     DEADLINE,
     HELLO,
+    IS_ROOT,
     NOBODY,
     Runtime,
     assert_served,
@@ -275,3 +276,34 @@ def test_fallback_runtime_dir_that_is_world_writable_is_refused(runtime: Runtime
             kill_tree(pid)
 
 
+
+
+# -- XDG_RUNTIME_DIR: used only when it is what the spec promises -------------------------
+
+
+@pytest.mark.parametrize("case", ["relative", "missing", "a file", "another user's"])
+def test_a_bad_xdg_runtime_dir_is_refused_with_the_fix(runtime: Runtime, case: str) -> None:
+    if case == "another user's" and not IS_ROOT:
+        pytest.skip("making a directory another user's needs root")
+    xdg = runtime.base / "xdg"
+    if case == "relative":
+        value = "relative/xdg"
+    elif case == "missing":
+        value = str(xdg)
+    elif case == "a file":
+        xdg.write_text("")
+        value = str(xdg)
+    else:
+        xdg.mkdir(mode=0o700)
+        os.chown(xdg, NOBODY, NOBODY)
+        value = str(xdg)
+    env = {k: v for k, v in runtime.env.items() if k != paths.ROOT_ENV} | {"XDG_RUNTIME_DIR": value}
+    before = sorted(p.name for p in runtime.base.iterdir())
+    for argv in (["lease", "--", "true"], ["status"]):
+        res = runtime.cli(*argv, env=env, cwd=runtime.base)
+        assert res.returncode == 1, res
+        assert f"XDG_RUNTIME_DIR={value!r}" in res.stderr or f"XDG_RUNTIME_DIR={value} " in res.stderr, res.stderr
+        assert "unset it" in res.stderr and "Traceback" not in res.stderr
+    # Nothing created: not the runtime dir, not ours under it, no daemon.
+    assert sorted(p.name for p in runtime.base.iterdir()) == before
+    assert not (runtime.base / "relative").exists() and not (xdg / "tractor").exists()

@@ -57,7 +57,7 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> str
     if sys.platform == "darwin":
         return f"/tmp/tractor-{uid}"
     if xdg := environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(xdg, "tractor")
+        return os.path.join(_checked_xdg(xdg), "tractor")
     run_user = f"/run/user/{uid}"
     if os.path.isdir(run_user):
         return os.path.join(run_user, "tractor")
@@ -73,6 +73,30 @@ def runtime_root(environ: os._Environ[str] | dict[str, str] = os.environ) -> str
     # Checked every time: it sits in a world-writable directory.
     ensure_private_dir(fallback)
     return os.path.join(fallback, "tractor")
+
+
+def _checked_xdg(xdg: str) -> str:
+    """``XDG_RUNTIME_DIR``, if it is what the XDG spec promises (absolute,
+    a directory, the user's own); otherwise an error that says what to do.
+    Never created here: it is the login session's to make, and tractor,
+    computing its own directory from it, would go elsewhere."""
+    fix = (
+        "set XDG_RUNTIME_DIR to your own runtime directory (normally /run/user/<uid>,"
+        " made by your login session), or unset it"
+    )
+    if not os.path.isabs(xdg):
+        raise UnsafePathError(f"XDG_RUNTIME_DIR={xdg!r} is a relative path, and must be absolute: {fix}")
+    try:
+        st = os.stat(xdg)
+    except FileNotFoundError:
+        raise UnsafePathError(f"XDG_RUNTIME_DIR={xdg} does not exist: {fix} (or `mkdir -m 700 {xdg}`)") from None
+    except OSError as err:
+        raise UnsafePathError(f"XDG_RUNTIME_DIR={xdg}: {err.strerror}: {fix}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"XDG_RUNTIME_DIR={xdg} is not a directory: {fix}")
+    if st.st_uid != os.getuid():
+        raise UnsafePathError(f"XDG_RUNTIME_DIR={xdg} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}): {fix}")
+    return xdg
 
 
 SHORT_NAME_LEN = 12
