@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -412,3 +413,46 @@ def test_an_exported_session_lives_as_long_as_the_shell_and_release_restores_it(
     restored = (out.parent / "shell.after").read_text().splitlines()
     assert restored == [str(xdg), "unset", str(runtime.root), "unset"]
     assert status_json(runtime) == [] and runtime.bindspaces() == []
+
+
+# -- shell completion, generated from the parser ---------------------------------------------
+
+# Sources a completion script, completes the words given, prints the candidates.
+COMPLETE = r"""
+source "$1"; shift
+COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+_tractor_session
+printf '%s\n' "${COMPREPLY[@]}"
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(("words", "expected"), [
+    (["le"], {"lease"}),
+    (["lease", "--tp"], {"--tpt-proto"}),
+    (["lease", "--tpt-proto", ""], {"tcp", "uds"}),
+    (["systemd", ""], {"install", "uninstall"}),
+    (["serve", "--ready"], set()),  # hidden options stay hidden
+    (["exec", "3f2a", "--", "bas"], {"bash"}),  # after --, a command to run
+])
+def test_bash_completion_completes_commands_options_and_choices(
+    runtime: Runtime, tmp_path: Path, words: list[str], expected: set[str],
+) -> None:
+    script = runtime.cli("completion", "bash")
+    assert script.returncode == 0, script.stderr
+    (tmp_path / "complete.bash").write_text(script.stdout)
+    assert subprocess.run(["bash", "-n", tmp_path / "complete.bash"]).returncode == 0
+    done = subprocess.run(
+        ["bash", "-c", COMPLETE, "bash", tmp_path / "complete.bash", "tractor-session", *words],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) >= expected and (expected or not done.stdout.split()), done.stdout
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed here")
+def test_zsh_completion_script_parses(runtime: Runtime, tmp_path: Path) -> None:
+    script = runtime.cli("completion", "zsh")
+    assert script.returncode == 0 and "bashcompinit" in script.stdout
+    (tmp_path / "complete.zsh").write_text(script.stdout)
+    assert subprocess.run(["zsh", "-n", tmp_path / "complete.zsh"]).returncode == 0

@@ -307,6 +307,28 @@ def _add_systemd(sub: _Subparsers, fmt: _Format) -> None:
     p.set_defaults(func=cmd_systemd)
 
 
+def _add_completion(sub: _Subparsers, fmt: _Format) -> None:
+    p = sub.add_parser(
+        "completion", formatter_class=fmt, help="print a shell completion script",
+        description="Print a completion script for bash or zsh, generated from this\n"
+        "command's own parser: commands, options, their choices, and after -- the\n"
+        "command to run. Load it from your shell's start-up file.",
+        epilog="examples:\n"
+        "  tractor-session completion bash > ~/.local/share/bash-completion/completions/tractor-session\n"
+        "  echo 'source <(tractor-session completion zsh)' >> ~/.zshrc",
+    )
+    p.add_argument("shell", choices=("bash", "zsh"))
+    p.set_defaults(func=_print_completion)
+
+
+def _print_completion(args: argparse.Namespace) -> int:
+    from tractor_session import completion
+
+    parser = _parser([])  # every command's
+    print(completion.bash(parser) if args.shell == "bash" else completion.zsh(parser), end="")
+    return 0
+
+
 _COMMANDS = {
     "lease": _add_lease,
     "status": _add_status,
@@ -318,6 +340,7 @@ _COMMANDS = {
     "serve": _add_serve,
     "stop": _add_stop,
     "systemd": _add_systemd,
+    "completion": _add_completion,
 }
 
 
