@@ -329,7 +329,7 @@ def test_units_are_owner_only_notify_watchdog_and_keep_the_runtime_root(home: di
     assert values(sock, "Socket", "DirectoryMode") == ["0700"]
     # %t is $XDG_RUNTIME_DIR for a user manager: the unit's socket is the
     # one a client looks for by default.
-    xdg = "/run/user/12345"
+    xdg = str(home["run"])
     assert paths.control_socket({"XDG_RUNTIME_DIR": xdg}) == str(Path(xdg, "tractor-session", "control.sock"))
 
     assert values(service, "Service", "Type") == ["notify"]
