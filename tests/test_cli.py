@@ -212,7 +212,7 @@ def test_status_lists_live_leases(runtime: Runtime, daemon) -> None:
         (uds, uds_holder, f"uds {UDS_REGISTRY_NAME}"),
     ):
         line = lines[lease["lease_id"]]
-        assert f" {holder.pid} {sys.executable}" in line  # the holder's command
+        assert f" {holder.pid} {sys.executable[:8]}" in line  # the holder's command, cut to fit
         assert addr in line
         assert re.search(r"\s\d+[smh]\s", line), f"no age in {line!r}"
         # With an id (any unique prefix), everything about the lease.

@@ -134,12 +134,13 @@ class Peer:
 
 
 def describe(pid: int) -> str:
-    """A process as a log line or an error names it: pid and command."""
+    """A process as a log line or an error names it: pid and command, the
+    program by its name rather than its (often long) path."""
     try:
-        command = " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        command = ""
-    return f"pid {pid} ({command[:60]})" if command else f"pid {pid}"
+        program, *args = psutil.Process(pid).cmdline()
+    except (psutil.Error, ValueError):
+        return f"pid {pid}"
+    return f"pid {pid} ({' '.join([os.path.basename(program), *args])[:80]})"
 
 
 def check_holder(pid: int) -> float:
