@@ -95,6 +95,39 @@ def test_leftover_processes_are_ended_with_the_lease(runtime: Runtime, pool: Por
         kill_if_alive(*pids.values())
 
 
+# Started with a session's envelope: starts N `sleep`s, prints their pids,
+# then waits to be ended with them.
+SPAWN_MANY = r"""
+import subprocess, sys
+kids = [subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL) for _ in range(int(sys.argv[1]))]
+print(" ".join(str(k.pid) for k in kids), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_hundreds_of_leftovers_are_all_reaped(runtime: Runtime) -> None:
+    """The scan walks one process tree however many it finds (the time it
+    takes is the benchmark's: scripts/bench.py --only leftovers)."""
+    runtime.start_daemon(*QUICK_REAP)
+    lease = export_lease(runtime, runtime.holder().pid)
+    spawner = runtime.popen(
+        [PY, "-c", SPAWN_MANY, "400"], env=lease_env(runtime, lease),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+    )
+    assert spawner.stdout is not None
+    pids = [int(pid) for pid in spawner.stdout.readline().split()]
+    try:
+        assert len(pids) == 400
+        r = runtime.cli("release", lease["lease_id"])
+        assert r.returncode == 0, r.stderr
+        # The release answers once its session's processes are gone.
+        survivors = [pid for pid in pids if pid_alive(pid)]
+        assert not survivors, f"{len(survivors)} of 400 leftovers survived the release"
+        assert not Path(lease["bindspace"]).exists()
+    finally:
+        kill_if_alive(*pids)
+
+
 def test_no_reap_leaves_leftovers_running(runtime: Runtime, daemon) -> None:
     pids, summary = leave_behind(runtime, "--no-reap")
     try:
