@@ -111,6 +111,18 @@ def kill_if_alive(*pids: int) -> None:
                 pass
 
 
+def carrying(lease_id: str) -> list[psutil.Process]:
+    """The live processes whose environment carries ``lease_id``'s envelope."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if lease_id in proc.environ().get("_TRACTOR_RT_VARS", "") and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def dead_pid() -> tuple[int, float]:
     """The pid and start time of a process that has really exited."""
     proc = subprocess.Popen(["sleep", "300"])

@@ -27,8 +27,10 @@ from conftest import (
     RECLAIM,
     SLEEP,
     Runtime,
+    carrying,
     export_lease,
     hold,
+    kill_if_alive,
     lease_env,
     live_leases,
     pid_alive,
@@ -141,6 +143,27 @@ def test_sigkilled_lease_cli_ends_lease_and_reaps_cmd(runtime: Runtime, strays: 
     wait_for(lambda: not pid_alive(cmd.pid), RECLAIM, "the orphaned CMD to be reaped")
     assert lease_id not in live_leases(runtime)
     assert status_json(runtime) == []
+
+
+# A command that ignores SIGINT (so do its children) and keeps starting
+# processes of its session: whatever one scan finds, more run by the time
+# the grace is over.
+KEEPS_FORKING = 'trap "" INT; while :; do sleep 600 & sleep 0.05; done'
+
+
+def test_what_the_session_starts_while_it_ends_is_ended_before_it_is_freed(runtime: Runtime) -> None:
+    runtime.start_daemon(*QUICK_REAP)
+    cli, _, bindspace, lease_id = start_lease_cmd(runtime, cmd=["sh", "-c", KEEPS_FORKING], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(carrying(lease_id)) > 3, what="the command to start processes")
+        cli.kill()
+        cli.wait()
+        wait_for(lambda: not bindspace.exists(), RECLAIM, "the lease of the killed CLI to end")
+        # Its directory (and port) are freed only once nothing of it runs.
+        survivors = carrying(lease_id)
+        assert not survivors, f"{len(survivors)} processes of the session outlived it: {survivors}"
+    finally:
+        kill_if_alive(*(p.pid for p in carrying(lease_id)))
 
 
 def test_sigkilled_cli_and_command_end_the_lease_and_give_the_port_back(runtime: Runtime) -> None:

@@ -372,15 +372,32 @@ def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
 def terminate(victims: list[Victim], grace: float) -> list[Reaped]:
     """End ``victims``: SIGINT, up to ``grace`` seconds for them to go, then
     SIGKILL, and wait (briefly) for the killed to be gone.  Returns each
-    victim with the signal that ended it.  The one loop that ends
-    processes: ``gc`` without a daemon calls it, the daemon too, from a
-    worker thread."""
-    _signal_all(victims, signal.SIGINT)
-    left = _wait_gone(victims, grace)
-    _signal_all(left, signal.SIGKILL)
-    _wait_gone(left, 5.0)
+    victim with the signal that ended it.  ``gc`` without a daemon calls
+    it; the daemon goes on from :func:`interrupt` to freezing and killing
+    what its session started meanwhile (see ``daemon.reaping``)."""
+    left = interrupt(victims, grace)
+    kill(left)
     killed = set(left)
     return [Reaped(v.pid, v.cmdline, "SIGKILL" if v in killed else "SIGINT") for v in victims]
+
+
+def interrupt(victims: list[Victim], grace: float) -> list[Victim]:
+    """SIGINT ``victims``; those still running after up to ``grace`` seconds."""
+    _signal_all(victims, signal.SIGINT)
+    return _wait_gone(victims, grace)
+
+
+def freeze(victims: list[Victim]) -> None:
+    """SIGSTOP ``victims``: a stopped process forks no more, so what a
+    session starts while it is being ended can be caught up with."""
+    _signal_all(victims, signal.SIGSTOP)
+
+
+def kill(victims: list[Victim], timeout: float = 5.0) -> list[Victim]:
+    """SIGKILL ``victims`` (stopped or not); those still there after up to
+    ``timeout`` seconds (stuck in the kernel, say)."""
+    _signal_all(victims, signal.SIGKILL)
+    return _wait_gone(victims, timeout)
 
 
 def _signal_all(victims: list[Victim], sig: signal.Signals) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import msgspec
 import trio
@@ -34,7 +36,7 @@ from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
-from tractor_session.procs import Target, is_alive, last_pid
+from tractor_session.procs import Target, Victim, is_alive, last_pid
 from tractor_session.protocol import (
     Bound,
     GcItem,
@@ -180,7 +182,7 @@ class Sessions:
         # leased with --export): it and its ancestors are spared.
         reaped = await self.end_lease(
             lease, "released" if by_holder else f"released by {describe(peer.pid)}", released=True, spare=peer,
-            roots=frozenset([peer.pid]) if by_holder and lease.runner is not None and peer.pid > 0 else frozenset(),
+            roots={peer.pid: peer.start} if by_holder and lease.runner is not None and peer.pid > 0 else {},
         )
         self.connected.discard(lease.lease_id)
         return Released(lease.lease_id, reaped)
@@ -309,12 +311,12 @@ class Sessions:
         reason: str,
         released: bool = False,
         spare: Peer | None = None,
-        roots: frozenset[int] = frozenset(),
+        roots: Mapping[int, float | None] = MappingProxyType({}),
     ) -> list[Reaped]:
         """End a lease: end its child leases, reap what its session left
-        running (with the descendants of ``roots``, but not ``spare`` and
-        its ancestors), then free its directory and port.  Concurrent calls
-        wait for the first one."""
+        running (with the descendants of ``roots``, pids with their start
+        times, but not ``spare`` and its ancestors), then free its
+        directory and port.  Concurrent calls wait for the first one."""
         if lease.ended or self.stopping:
             return []
         if (done := self.ending.get(lease.lease_id)) is not None:
@@ -365,25 +367,34 @@ class Sessions:
             return True
         return last_pid() != mark
 
-    async def _reap(self, lease: Lease, spare: Peer | None, roots: frozenset[int]) -> list[Reaped]:
-        """End a session's leftover processes, but ``spare`` and its
-        ancestors."""
+    async def _reap(self, lease: Lease, spare: Peer | None, roots: Mapping[int, float | None]) -> list[Reaped]:
+        """End a session's processes, but ``spare`` and its ancestors, and
+        return only once none is left (see :func:`reaping.end_processes`)."""
         record = lease.record
+        roots = dict(roots)
         if lease.runner is not None and record.holder_pid and is_alive(record.holder_pid, record.holder_start):
             # The command of a ``lease -- CMD`` whose lease process died.
-            roots |= {record.holder_pid}
-        victims = await self.scanner.find(lease.lease_id, Target(roots, record.netns))
-        if lease.runner is not None and lease.lease_id in self.connected:
-            # The ``lease`` process is alive (its connection is open), in a
-            # private network it shares with the session: it ends when CMD
-            # does, and must be there to say why.
-            victims = [v for v in victims if v.pid != lease.runner]
-        if victims and spare is not None:
-            # Looked up only now: walking the ancestry costs, and most
-            # sessions leave nothing to reap.
-            lineage = spare.lineage()
-            victims = [v for v in victims if v.pid not in lineage]
-        return await reaping.reap(victims, self.config.reap_grace)
+            roots[record.holder_pid] = record.holder_start
+        lineage: frozenset[int] | None = None
+
+        async def find() -> list[Victim]:
+            nonlocal lineage
+            # A root that has died is none: its pid may be another process's by now.
+            live = frozenset(pid for pid, start in roots.items() if is_alive(pid, start))
+            victims = await self.scanner.find(lease.lease_id, Target(live, record.netns))
+            if lease.runner is not None and lease.lease_id in self.connected:
+                # The ``lease`` process is alive (its connection is open), in a
+                # private network it shares with the session: it ends when CMD
+                # does, and must be there to say why.
+                victims = [v for v in victims if v.pid != lease.runner]
+            if victims and spare is not None:
+                # Looked up only now: walking the ancestry costs, and most
+                # sessions leave nothing to reap.
+                lineage = spare.lineage() if lineage is None else lineage
+                victims = [v for v in victims if v.pid not in lineage]
+            return victims
+
+        return await reaping.end_processes(find, self.config.reap_grace)
 
     # -- garbage ----------------------------------------------------------
 
