@@ -21,7 +21,10 @@ session's id: a session leased from inside this one (a nested
 
 Scanning reads ``/proc/<pid>/environ`` of this user's processes directly,
 which is several times faster than going through psutil for each one;
-elsewhere psutil does the same job.  The process tree, for descendants, is
+elsewhere psutil does the same job.  Nothing cheaper tells whether a
+session has processes: one that existed before the lease can ``execve``
+into it (its envelope in the new environment) without creating a pid, so
+every scan reads every environment.  The process tree, for descendants, is
 read once per scan, and only when something was found.
 
 No trio here: ``tractor-session gc`` without a daemon uses this module,
@@ -54,19 +57,6 @@ def _read_small(path: str) -> bytes:
         return os.read(fd, 4096)
     finally:
         os.close(fd)
-
-
-def last_pid() -> int | None:
-    """The pid most recently handed out on this host (Linux), or None.
-
-    If it has not changed between two readings, no process (or thread) was
-    created in between: the daemon uses that to skip scanning for a
-    session's leftovers when nothing can have been started inside it.
-    """
-    try:
-        return int(_read_small("/proc/sys/kernel/ns_last_pid"))
-    except (OSError, ValueError):
-        return None
 
 
 def start_time(pid: int) -> float | None:

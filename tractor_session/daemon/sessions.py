@@ -36,7 +36,7 @@ from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
-from tractor_session.procs import Target, Victim, is_alive, last_pid
+from tractor_session.procs import Target, Victim, is_alive
 from tractor_session.protocol import (
     Bound,
     GcItem,
@@ -77,8 +77,6 @@ class Sessions:
         self.scanner = reaping.LeftoverScanner()
         # Leases bound to a connection of this daemon; ended when it closes.
         self.connected: set[str] = set()
-        # lease id -> the host's last pid just before its envelope existed.
-        self.spawn_marks: dict[str, int] = {}
         # lease id -> why it ended, for the most recent ENDED_REMEMBERED.
         self.ended: dict[str, str] = {}
         self.readopted = 0
@@ -158,12 +156,9 @@ class Sessions:
         else:
             assert request.holder_pid is not None
             holder, holder_start = request.holder_pid, check_holder(request.holder_pid)
-        mark = last_pid()
         lease = self.table.create(request, holder if holder > 0 else None, holder_start)
         if by_connection:
             self.connected.add(lease.lease_id)
-        if mark is not None:
-            self.spawn_marks[lease.lease_id] = mark
         self._track(lease)
         self._announce()
         if traffic.isEnabledFor(logging.INFO):  # info() is work; grants are the hot path
@@ -333,7 +328,7 @@ class Sessions:
                 async with trio.open_nursery() as nursery:
                     for child in children:
                         nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
-            if lease.record.reap and self._may_have_processes(lease):
+            if lease.record.reap:
                 reaped = await self._reap(lease, spare, roots)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
@@ -342,7 +337,6 @@ class Sessions:
             if len(self.ended) > ENDED_REMEMBERED:
                 del self.ended[next(iter(self.ended))]
             self._untrack_holder(lease)
-            self.spawn_marks.pop(lease.lease_id, None)
             self._announce()
         finally:
             del self.ending[lease.lease_id]
@@ -357,19 +351,12 @@ class Sessions:
         )
         return reaped
 
-    def _may_have_processes(self, lease: Lease) -> bool:
-        """False only when no process at all was created on the host since
-        the lease was granted: then none can carry its envelope, and the
-        scan of every process is skipped (the common clean release).  The
-        age bound keeps pid wrap-around out of the question."""
-        mark = self.spawn_marks.get(lease.lease_id)
-        if mark is None or time.time() - lease.record.created > 60:
-            return True
-        return last_pid() != mark
-
     async def _reap(self, lease: Lease, spare: Peer | None, roots: Mapping[int, float | None]) -> list[Reaped]:
         """End a session's processes, but ``spare`` and its ancestors, and
-        return only once none is left (see :func:`reaping.end_processes`)."""
+        return only once none is left (see :func:`reaping.end_processes`).
+
+        Always a scan: a process that existed before the lease can join its
+        session by ``execve`` alone, with nothing cheaper to tell."""
         record = lease.record
         roots = dict(roots)
         if lease.runner is not None and record.holder_pid and is_alive(record.holder_pid, record.holder_start):
