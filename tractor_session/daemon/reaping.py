@@ -34,7 +34,7 @@ _REAPERS = trio.CapacityLimiter(512)
 
 
 # How many freeze-or-kill passes before a session's processes are declared
-# unkillable (stuck in the kernel, or forking faster than scans find them).
+# unkillable (forking faster than scans find them).
 MAX_PASSES = 50
 
 Finder = Callable[[], Awaitable[list[Victim]]]
@@ -65,9 +65,9 @@ async def end_processes(find: Finder, grace: float) -> list[Reaped]:
     the session still running: a stopped process starts nothing, and its
     children stay its children, found with it.  Then all of them are
     SIGKILLed at once, and the next scan must find nothing.  Raises
-    ``RuntimeError`` when processes outlast :data:`MAX_PASSES` passes, so
-    that the caller keeps the session's port and directory; never leaves
-    a process stopped, cancelled or not."""
+    ``RuntimeError`` when a process outlives SIGKILL or processes outlast
+    :data:`MAX_PASSES` passes, so that the caller keeps the session's port
+    and directory; never leaves a process stopped, cancelled or not."""
     victims = await find()
     if not victims:
         return []
@@ -84,9 +84,15 @@ async def end_processes(find: Finder, grace: float) -> list[Reaped]:
                 await _in_thread(procs.freeze, list(running.values()))
                 frozen.update(running)
             elif frozen:
-                await _in_thread(procs.kill, list(frozen.values()))
+                stuck = await _in_thread(procs.kill, list(frozen.values()))
                 ended.update((k, Reaped(v.pid, v.cmdline, "SIGKILL")) for k, v in frozen.items())
                 frozen.clear()
+                if stuck:
+                    # SIGKILLed and still there: in the kernel, where more passes do not reach.
+                    raise RuntimeError(
+                        f"{len(stuck)} processes of the session outlived SIGKILL (stuck in the kernel?): "
+                        + ", ".join(f"{v.pid} {v.cmdline[:40]!r}" for v in stuck[:5])
+                    )
             else:
                 return list(ended.values())
     finally:
@@ -94,7 +100,7 @@ async def end_processes(find: Finder, grace: float) -> list[Reaped]:
             procs.kill(list(frozen.values()), timeout=0)
     raise RuntimeError(
         f"processes of the session outlasted {MAX_PASSES} passes of SIGSTOP and SIGKILL"
-        " (stuck in the kernel, or forking faster than the scans); see `tractor-session ps`"
+        " (forking faster than the scans find them); see `tractor-session ps`"
     )
 
 
