@@ -178,6 +178,47 @@ def test_lease_cmd_survives_daemon_sigkill(runtime: Runtime) -> None:
     assert lease_id not in live_leases(runtime)
 
 
+@pytest.mark.parametrize("when", ["after the restart", "while no daemon runs"])
+def test_sigkilled_lease_process_ends_its_readopted_session(runtime: Runtime, when: str) -> None:
+    """A re-adopted ``lease -- CMD`` ends on the events that ended it
+    before the restart: its ``lease`` process SIGKILLed ends the session
+    and CMD with it, whether that happens before or after the next daemon
+    starts."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    cli, cmd, bindspace, lease_id = start_lease_cmd(runtime, cmd=[sys.executable, "-c", SLEEP])
+    daemon.kill()
+    daemon.wait()
+    if when == "while no daemon runs":
+        cli.kill()
+        cli.wait()
+    runtime.start_daemon(*QUICK_REAP)
+    if when == "after the restart":
+        assert lease_id in live_leases(runtime)
+        cli.kill()
+        cli.wait()
+    wait_for(lambda: not pid_alive(cmd.pid), RECLAIM, "the session's command to be reaped")
+    wait_for(lambda: not bindspace.exists(), RECLAIM, "the session to end with its lease process")
+    assert lease_id not in live_leases(runtime)
+
+
+def test_readopted_lease_cmd_exits_with_its_commands_status(runtime: Runtime) -> None:
+    """After a restart, CMD's end still ends the session through ``lease``'s
+    release, and ``lease`` exits with CMD's status, not "session ended"."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    cli, _, bindspace, lease_id = start_lease_cmd(
+        runtime, cmd=[sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(7)"],
+    )
+    daemon.kill()
+    daemon.wait()
+    runtime.start_daemon(*QUICK_REAP)
+    assert lease_id in live_leases(runtime)
+    assert cli.stdin is not None
+    cli.stdin.close()
+    assert cli.wait(timeout=DEADLINE) == 7
+    assert not bindspace.exists()
+    assert lease_id not in live_leases(runtime)
+
+
 # -- a clean stop -----------------------------------------------------------------------
 
 

@@ -75,14 +75,20 @@ class Findings:
 def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float) -> str | None:
     """Why the directory ``path`` is garbage, or None if it must stay."""
     from tractor_session.procs import is_alive
-    from tractor_session.records import read_record
+    from tractor_session.records import QUARANTINED_NAME, BadRecord, read_record
 
-    record = read_record(path)
+    try:
+        record = read_record(path)
+        why_none = "no lease record"
+    except BadRecord as bad:
+        record, why_none = None, f"an invalid lease record ({bad})"
     if record is None:
         age = now - st.st_mtime
         if age < grace:
             return None
-        return f"no lease record and {age:.0f} s old"
+        if os.path.lexists(path / QUARANTINED_NAME):
+            why_none = "its lease record was quarantined as invalid"
+        return f"{why_none} and {age:.0f} s old"
     if record.expires is not None and record.expires <= now:
         return "its lease expired"
     if not is_alive(record.holder_pid or 0, record.holder_start):
