@@ -292,7 +292,6 @@ class Sessions:
 
     def _expired(self, lease_id: str, now: float) -> None:
         lease = self.table.leases.get(lease_id)
-        # A renewal leaves the old entry behind: the record decides.
         if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
             self._end_in_background(lease, "its ttl expired")
 
@@ -348,6 +347,7 @@ class Sessions:
             if len(self.ended) > ENDED_REMEMBERED:
                 del self.ended[next(iter(self.ended))]
             self._untrack_holder(lease)
+            self.expiries.discard(lease.lease_id)
             self.spawn_marks.pop(lease.lease_id, None)
             self._announce()
         finally:
