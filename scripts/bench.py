@@ -597,7 +597,7 @@ def measure_memory(b: Bench, n: int) -> dict[str, float]:
     }
 
 
-def measure_ttl_memory(b: Bench, n: int) -> dict[str, float]:
+def measure_ttl_memory(b: Bench, n: int, warm: int) -> dict[str, float]:
     """The daemon's RSS over ``n`` day-long ttl leases, each granted and
     released, then over ``n`` renewals of one lease: what the ttl clock
     keeps of leases that ended, and of expiries a renewal replaced.  Flat
@@ -611,9 +611,9 @@ def measure_ttl_memory(b: Bench, n: int) -> dict[str, float]:
             conn.release(conn.lease(holder_pid=holder.pid, ttl=day).lease.lease_id)
 
     with b.connect() as conn:
-        grant_and_release(2000)  # warm caches and allocator arenas first
+        grant_and_release(warm)  # warm caches and allocator arenas first
         kept = conn.lease(holder_pid=holder.pid, ttl=day).lease.lease_id
-        for _ in range(2000):
+        for _ in range(warm):
             conn.renew(kept, day)
         rss0 = daemon.memory_info().rss
         grant_and_release(n)
@@ -695,7 +695,7 @@ def main() -> int:
         ("re-adoption", lambda b: measure_readoption(b, 200 if q else 1000)),
         ("gc", lambda b: measure_gc(b, 1000 if q else 10000, 100)),
         ("memory and fds", lambda b: measure_memory(b, 1000 if q else 10000)),
-        ("memory over ttl leases", lambda b: measure_ttl_memory(b, 2000 if q else 20000)),
+        ("memory over ttl leases", lambda b: measure_ttl_memory(b, *((1000, 1000) if q else (20000, 2000)))),
         ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
         ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),
         ("lease --net private", lambda b: measure_net_private(b, 10 if q else 100)),
