@@ -93,8 +93,6 @@ def _problem(record: LeaseRecord, bindspace: Path) -> str | None:
         return "it has a runner but no holder"
     if not math.isfinite(record.created):
         return f"created {record.created} is not a time"
-    if (record.ttl is None) != (record.expires is None):
-        return "a ttl needs an expiry, and an expiry a ttl"
     if record.ttl is not None and not 0 < record.ttl < 10**9:
         return f"ttl {record.ttl} is out of range"
     if record.expires is not None and not math.isfinite(record.expires):
