@@ -53,6 +53,7 @@ from conftest import (
 
 from tractor_session.client import ClientError
 from tractor_session.records import QUARANTINED_NAME, RECORD_NAME
+from tractor_session.run import SESSION_ENDED
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and pidfds")
 
@@ -220,6 +221,20 @@ def test_readopted_lease_cmd_exits_with_its_commands_status(runtime: Runtime) ->
     assert cli.wait(timeout=DEADLINE) == 7
     assert not bindspace.exists()
     assert lease_id not in live_leases(runtime)
+
+
+def test_readopted_private_session_released_elsewhere_lets_lease_say_why(runtime: Runtime) -> None:
+    """After a restart too, the ``lease`` process sharing its session's
+    private network is not the session's to reap: released by another
+    client, the session ends, and ``lease`` lives to say so and exit 124."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    cli, cmd, bindspace, lease_id = start_lease_cmd(runtime, "--net", "private", cmd=[sys.executable, "-c", BLOCK])
+    daemon.kill()
+    daemon.wait()
+    runtime.start_daemon(*QUICK_REAP)
+    assert runtime.cli("release", lease_id, timeout=DEADLINE).returncode == 0
+    assert cli.wait(timeout=DEADLINE) == SESSION_ENDED
+    assert not pid_alive(cmd.pid) and not bindspace.exists()
 
 
 # -- records are hostile input ----------------------------------------------------------

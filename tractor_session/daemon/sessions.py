@@ -381,10 +381,9 @@ class Sessions:
             # The command of a ``lease -- CMD`` whose lease process died.
             roots |= {record.holder_pid}
         victims = await self.scanner.find(lease.lease_id, Target(roots, record.netns))
-        if lease.runner is not None and lease.lease_id in self.connected:
-            # The ``lease`` process is alive (its connection is open), in a
-            # private network it shares with the session: it ends when CMD
-            # does, and must be there to say why.
+        if lease.runner is not None:
+            # The ``lease`` process may share a private network with the
+            # session: it ends when CMD does, and must be there to say why.
             victims = [v for v in victims if v.pid != lease.runner]
         if victims and spare is not None:
             # Looked up only now: walking the ancestry costs, and most
