@@ -547,6 +547,30 @@ def test_a_directory_in_place_of_the_record_does_not_break_gc(runtime: Runtime, 
         assert gc.daemon.poll() is None, "the daemon must survive"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unreadable_record_costs_one_entry(runtime: Runtime, mode: str) -> None:
+    """A bindspace whose record no one can open (a socket in its place;
+    chmod 000 would not stop root) is kept, since gc cannot tell whether
+    its lease lives, and is no reason to spare anything else, or for a
+    daemon not to start over it."""
+    odd = stage(runtime) / hex12()
+    odd.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(odd / RECORD_NAME))
+    odd_in_root = ensure_root(runtime) / odd.name
+    os.rename(odd, odd_in_root)
+    age(odd_in_root, STALE)
+    stale = stale_dir(runtime)
+    gc = Gc(runtime, mode, grace=0)
+
+    gc.run()
+
+    assert not os.path.lexists(stale)
+    assert odd_in_root.is_dir()
+    if gc.daemon is not None:
+        assert gc.daemon.poll() is None, "the daemon must survive"
+
+
 def test_a_fifo_in_place_of_the_record_does_not_hang_gc(runtime: Runtime) -> None:
     odd = stage(runtime) / hex12()
     odd.mkdir()

@@ -146,8 +146,8 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
         path = Path(entry.path)
         try:
             st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone meanwhile, or cannot be looked at: one entry, not the scan
         if st.st_uid != uid:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
