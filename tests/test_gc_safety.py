@@ -21,6 +21,7 @@ started after everything the test built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from conftest import (
     lease_env,
     live_leases,
     pid_alive,
+    start_lease_cmd,
     stop,
     wait_for,
 )
@@ -396,6 +398,28 @@ def test_gc_while_no_daemon_runs_spares_live_sessions(runtime: Runtime) -> None:
 
 
 # -- 2. sockets in the shared default bindspace ------------------------------------
+
+
+def test_gc_while_no_daemon_runs_ends_a_lease_cmd_whose_lease_process_died(runtime: Runtime) -> None:
+    """What ends ``lease -- CMD`` with a daemon ends it without one: its
+    ``lease`` process SIGKILLed, gc removes the session and reaps CMD,
+    though CMD, the lease's recorded holder, still runs."""
+    daemon = runtime.start_daemon()
+    cli, cmd, bindspace, _ = start_lease_cmd(runtime, cmd=["sleep", "300"])
+    try:
+        daemon.kill()
+        daemon.wait()
+        cli.kill()
+        cli.wait()
+        assert pid_alive(cmd.pid)
+
+        result = runtime.cli("gc")
+        assert result.returncode == 0, result.stderr
+        assert not bindspace.exists()
+        wait_for(lambda: not pid_alive(cmd.pid), what="the command of the dead lease process to be reaped")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            cmd.kill()   # re-parented away from the CLI: no teardown finds it
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -91,6 +91,9 @@ def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float)
         return f"{why_none} and {age:.0f} s old"
     if record.expires is not None and record.expires <= now:
         return "its lease expired"
+    if record.runner_pid is not None and not is_alive(record.runner_pid, record.runner_start):
+        # ``lease -- CMD``'s lease process: the lease ends with it, as with a daemon.
+        return f"its lease process pid {record.runner_pid} is dead"
     if not is_alive(record.holder_pid or 0, record.holder_start):
         return f"its holder pid {record.holder_pid} is dead"
     return None
