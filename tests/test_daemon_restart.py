@@ -178,6 +178,32 @@ def test_lease_cmd_survives_daemon_sigkill(runtime: Runtime) -> None:
     assert lease_id not in live_leases(runtime)
 
 
+def test_a_bindspace_named_by_an_earlier_version_is_re_adopted_and_removed(runtime: Runtime) -> None:
+    """Versions before the path budget was widened named bindspaces by 12
+    hex digits.  A daemon of this version, started over such a lease,
+    re-adopts it, serves it by id and removes it at its end."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid)
+    daemon.kill()
+    daemon.wait()
+    # Lay it out as an earlier daemon would have.
+    current = Path(lease["bindspace"])
+    legacy = current.with_name(lease["lease_id"].replace("-", "")[:12])
+    os.rename(current, legacy)
+    record = read_record(legacy)
+    assert record is not None
+    record["bindspace"] = str(legacy)
+    (legacy / RECORD_NAME).write_text(json.dumps(record))
+
+    runtime.start_daemon(*QUICK_REAP)
+    assert live_leases(runtime)[lease["lease_id"]].bindspace == str(legacy)
+    released = runtime.cli("release", lease["lease_id"][:8])
+    assert released.returncode == 0, released.stderr
+    wait_for(lambda: not legacy.exists(), RECLAIM, "the legacy bindspace to be removed")
+    assert live_leases(runtime) == {} and pid_alive(holder.pid)
+
+
 # -- a clean stop -----------------------------------------------------------------------
 
 

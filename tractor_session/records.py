@@ -19,11 +19,11 @@ from pathlib import Path
 
 import msgspec
 
-from tractor_session.paths import short_name
+from tractor_session.paths import BINDSPACE_NAME_LEN, LEGACY_BINDSPACE_NAME_LEN, bindspace_names
 from tractor_session.protocol import Net, Transport
 
 RECORD_NAME = ".tractor-session-lease"
-BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
+BINDSPACE_NAME_RE = re.compile(rf"[0-9a-f]{{{BINDSPACE_NAME_LEN}}}|[0-9a-f]{{{LEGACY_BINDSPACE_NAME_LEN}}}")
 
 
 class LeaseRecord(msgspec.Struct, forbid_unknown_fields=False):
@@ -105,7 +105,7 @@ def read_record(bindspace: Path) -> LeaseRecord | None:
     except msgspec.DecodeError:
         return None
     # A record only counts for the directory it sits in.
-    if Path(record.bindspace) != bindspace or short_name(record.lease_id) != bindspace.name:
+    if Path(record.bindspace) != bindspace or bindspace.name not in bindspace_names(record.lease_id):
         return None
     return record
 
