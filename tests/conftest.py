@@ -33,7 +33,7 @@ import pytest
 
 from tractor_session import paths
 from tractor_session.protocol import Hello, Welcome, decode_reply, frame
-from tractor_session.records import RECORD_NAME
+from tractor_session.records import BINDSPACE_NAME_RE, RECORD_NAME
 from tractor_session.wire import HEADER, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class Runtime:
     def bindspaces(self) -> list[Path]:
         if not self.root.exists():
             return []
-        return sorted(p for p in self.root.iterdir() if len(p.name) == 12)
+        return sorted(p for p in self.root.iterdir() if BINDSPACE_NAME_RE.fullmatch(p.name))
 
     def cli(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **kw: object,

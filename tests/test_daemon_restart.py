@@ -51,6 +51,7 @@ from conftest import (
     wait_for,
 )
 
+from tractor_session import paths
 from tractor_session.client import ClientError
 from tractor_session.records import QUARANTINED_NAME, RECORD_NAME
 from tractor_session.run import SESSION_ENDED
@@ -250,11 +251,23 @@ def plant_record(bindspace: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, bindspace / RECORD_NAME)
 
 
+def fresh_ids(runtime: Runtime, n: int) -> list[str]:
+    """``n`` lease ids whose bindspace names are free in the root (names
+    are short: they collide)."""
+    ids: dict[str, str] = {}
+    while len(ids) < n:
+        lease_id = str(uuid.uuid4())
+        if not (runtime.root / (name := paths.bindspace_name(lease_id))).exists():
+            ids.setdefault(name, lease_id)
+    return list(ids.values())
+
+
 def forge(runtime: Runtime, record: dict[str, Any], lease_id: str | None = None, **changes: Any) -> Path:
     """A bindspace of a lease no daemon granted: ``record`` copied under a
     new id, with ``changes``."""
-    lease_id = lease_id or str(uuid.uuid4())
-    bindspace = runtime.root / lease_id.replace("-", "")[:12]
+    lease_id = lease_id or fresh_ids(runtime, 1)[0]
+    bindspace = runtime.root / paths.bindspace_name(lease_id)
+    bindspace.mkdir(mode=0o700)   # never over another's
     plant_record(bindspace, {**record, "lease_id": lease_id, "bindspace": str(bindspace), **changes})
     return bindspace
 
@@ -311,14 +324,14 @@ def test_impossible_records_are_quarantined_not_adopted(runtime: Runtime) -> Non
     assert template is not None
     plant_record(Path(portless["bindspace"]), {**template, **read_record(Path(portless["bindspace"])), "port": None})
     uds = {"transport": "uds", "port": None}
-    own_id, a_id, b_id = (str(uuid.uuid4()) for _ in range(3))
+    own_id, a_id, b_id, below_id = fresh_ids(runtime, 4)
     bad = [
         Path(portless["bindspace"]),
         forge(runtime, template, own_id, parent=own_id, **uds),
         forge(runtime, template, a_id, parent=b_id, **uds),
         forge(runtime, template, b_id, parent=a_id, **uds),
     ]
-    below_the_cycle = forge(runtime, template, parent=a_id, **uds)
+    below_the_cycle = forge(runtime, template, below_id, parent=a_id, **uds)
 
     runtime.start_daemon(*QUICK_REAP)
     assert set(live_leases(runtime)) == {sound["lease_id"]}
@@ -362,6 +375,32 @@ def test_a_forged_claim_on_a_live_leases_port_is_quarantined(runtime: Runtime, p
             conn.lease(holder_pid=holder.pid)
     assert full.value.code == "no-free-port"
     assert (forged / QUARANTINED_NAME).is_file()
+
+
+def test_a_bindspace_named_by_an_earlier_version_is_re_adopted_and_removed(runtime: Runtime) -> None:
+    """Versions before the path budget was widened named bindspaces by 12
+    hex digits.  A daemon of this version, started over such a lease,
+    re-adopts it, serves it by id and removes it at its end."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid)
+    daemon.kill()
+    daemon.wait()
+    # Lay it out as an earlier daemon would have.
+    current = Path(lease["bindspace"])
+    legacy = current.with_name(lease["lease_id"].replace("-", "")[:12])
+    os.rename(current, legacy)
+    record = read_record(legacy)
+    assert record is not None
+    record["bindspace"] = str(legacy)
+    (legacy / RECORD_NAME).write_text(json.dumps(record))
+
+    runtime.start_daemon(*QUICK_REAP)
+    assert live_leases(runtime)[lease["lease_id"]].bindspace == str(legacy)
+    released = runtime.cli("release", lease["lease_id"][:8])
+    assert released.returncode == 0, released.stderr
+    wait_for(lambda: not legacy.exists(), RECLAIM, "the legacy bindspace to be removed")
+    assert live_leases(runtime) == {} and pid_alive(holder.pid)
 
 
 # -- a clean stop -----------------------------------------------------------------------

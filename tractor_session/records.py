@@ -20,13 +20,13 @@ from pathlib import Path
 
 import msgspec
 
-from tractor_session.paths import short_name
+from tractor_session.paths import BINDSPACE_NAME_LEN, LEGACY_BINDSPACE_NAME_LEN, bindspace_names
 from tractor_session.protocol import Net, Transport
 
 RECORD_NAME = ".tractor-session-lease"
 QUARANTINED_NAME = RECORD_NAME + ".bad"
 """Where a record no daemon may adopt is renamed to (:func:`quarantine`)."""
-BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
+BINDSPACE_NAME_RE = re.compile(rf"[0-9a-f]{{{BINDSPACE_NAME_LEN}}}|[0-9a-f]{{{LEGACY_BINDSPACE_NAME_LEN}}}")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -77,7 +77,8 @@ def _problem(record: LeaseRecord, bindspace: Path) -> str | None:
     (ports it frees, parents it follows, pids it watches)."""
     if not _UUID_RE.fullmatch(record.lease_id):
         return f"lease_id {record.lease_id[:80]!r} is not a lease id"
-    if Path(record.bindspace) != bindspace or short_name(record.lease_id) != bindspace.name:
+    # A record only counts for the directory it sits in.
+    if Path(record.bindspace) != bindspace or bindspace.name not in bindspace_names(record.lease_id):
         return f"it names lease {record.lease_id} in {record.bindspace[:200]!r}, not this directory"
     if (record.transport == "tcp" and record.net == "host") != (record.port is not None):
         return f"port {record.port} does not go with transport {record.transport!r} and net {record.net!r}"

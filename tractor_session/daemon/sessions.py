@@ -400,7 +400,7 @@ class Sessions:
         # Live ids are read after the scan: a lease granted while it ran is
         # spared (grants happen in this thread, whole, between two awaits).
         return await reaping.collect_garbage(
-            self.config.root, grace, lambda: {*self.table.leases, *self.table.by_short},
+            self.config.root, grace, lambda: {i: lease.record.bindspace for i, lease in self.table.leases.items()},
             self.config.reap_grace, dry_run,
         )
 
