@@ -1,7 +1,8 @@
 """What bounds a lease: the process holding it, and its ttl.
 
-:class:`Peer` is the process at the other end of a connection, and
-:func:`check_holder` vets a holder pid a client names.  :class:`Expiries`
+:class:`Peer` is the process at the other end of a connection,
+:func:`check_holder` vets a holder pid a client names, and
+:func:`bound_by` is the process a lease's record says to watch.  :class:`Expiries`
 is one timer for every ttl.
 
 On Linux a pidfd becomes readable the moment its process exits, so the
@@ -25,6 +26,7 @@ import trio
 
 from tractor_session.daemon.table import LeaseError
 from tractor_session.procs import is_alive, start_time
+from tractor_session.records import LeaseRecord
 
 POLL_INTERVAL = 0.5
 HAVE_PIDFD = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
@@ -79,6 +81,15 @@ class ProcessWatch:
             return
         while is_alive(self.pid, self.start):
             await trio.sleep(POLL_INTERVAL)  # no pidfd here: poll
+
+
+def bound_by(record: LeaseRecord) -> HolderKey:
+    """The process whose death ends a lease that no connection of this
+    daemon holds: its runner (the ``lease`` process of ``lease -- CMD``,
+    which releases when CMD ends) if it has one, else its holder."""
+    if record.runner_pid is not None:
+        return (record.runner_pid, record.runner_start)
+    return (record.holder_pid or 0, record.holder_start)
 
 
 class HolderWatches:

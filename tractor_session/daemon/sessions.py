@@ -28,7 +28,7 @@ import trio
 from tractor_session import holder, protocol
 from tractor_session.daemon import reaping, recovery
 from tractor_session.daemon.config import Config
-from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, check_holder, describe
+from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, bound_by, check_holder, describe
 from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
@@ -101,7 +101,7 @@ class Sessions:
         dead = 0
         for record in recovery.read_leases(self.config.root):
             lease = self.table.adopt(record)
-            key = self._watch_key(lease)
+            key = bound_by(lease.record)
             if record.parent is not None and record.parent not in self.table.leases:
                 why = "its parent ended while no daemon ran"
             elif not is_alive(*key):
@@ -214,7 +214,7 @@ class Sessions:
         """Re-bind a lease to the command its connection runs, so that a
         daemon restarted mid-run knows what bounds it."""
         start = check_holder(pid)
-        old_key = self._watch_key(lease)
+        old_key = bound_by(lease.record)
         record = lease.record
         netns = record.netns
         if record.net == "private" and (theirs := holder.network_namespace(pid)) != holder.network_namespace():
@@ -259,22 +259,14 @@ class Sessions:
         to one of our connections needs no pid watch: the connection closes
         when its process dies."""
         if lease.lease_id not in self.connected and lease.record.holder_pid is not None:
-            key = self._watch_key(lease)
+            key = bound_by(lease.record)
             self.by_holder.setdefault(key, set()).add(lease.lease_id)
             assert self._nursery is not None
             self.holder_watches.add(self._nursery, key)
         self._track_expiry(lease)
 
-    @staticmethod
-    def _watch_key(lease: Lease) -> HolderKey:
-        """The process whose death ends ``lease`` when no connection of
-        ours holds it: its runner (the ``lease`` process of a ``lease --
-        CMD``, which releases when CMD ends), else its holder."""
-        r = lease.record
-        return (r.runner_pid, r.runner_start) if r.runner_pid is not None else (r.holder_pid or 0, r.holder_start)
-
     def _untrack_holder(self, lease: Lease, key: HolderKey | None = None) -> None:
-        key = key or self._watch_key(lease)
+        key = key or bound_by(lease.record)
         if (ids := self.by_holder.get(key)) is not None:
             ids.discard(lease.lease_id)
             if not ids:
