@@ -71,15 +71,12 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LeaseRecord)
 
 
-def _problem(record: LeaseRecord, bindspace: Path) -> str | None:
-    """What makes ``record`` impossible for the directory it sits in, or
-    None.  Records are hostile input: whatever a daemon adopts it trusts
-    (ports it frees, parents it follows, pids it watches)."""
+def _problem(record: LeaseRecord) -> str | None:
+    """What makes ``record`` impossible, or None.  Records are hostile
+    input: whatever a daemon adopts it trusts (ports it frees, parents it
+    follows, pids it watches)."""
     if not _UUID_RE.fullmatch(record.lease_id):
         return f"lease_id {record.lease_id[:80]!r} is not a lease id"
-    # A record only counts for the directory it sits in.
-    if Path(record.bindspace) != bindspace or bindspace.name not in bindspace_names(record.lease_id):
-        return f"it names lease {record.lease_id} in {record.bindspace[:200]!r}, not this directory"
     if (record.transport == "tcp" and record.net == "host") != (record.port is not None):
         return f"port {record.port} does not go with transport {record.transport!r} and net {record.net!r}"
     if record.port is not None and not 0 < record.port < 65536:
@@ -132,8 +129,8 @@ def _write_file(path: str, record: LeaseRecord, mode: int) -> None:
 
 def read_record(bindspace: Path) -> LeaseRecord | None:
     """The record in ``bindspace``, or None if there is none (or only
-    something that is not a record: not a regular file, or a write cut
-    short).  Raises :class:`BadRecord` for a record that parses but cannot
+    something that is not its record: not a regular file, a write cut
+    short, another directory's).  Raises :class:`BadRecord` for a record that parses but cannot
     be true, and ``OSError`` when it cannot tell, so that no one mistakes a
     live lease for garbage."""
     try:
@@ -157,7 +154,11 @@ def read_record(bindspace: Path) -> LeaseRecord | None:
         raise BadRecord(str(err)) from None
     except msgspec.DecodeError:
         return None
-    if (problem := _problem(record, bindspace)) is not None:
+    # A record only counts for the directory it sits in (one copied or
+    # moved, or read through another spelling of the root, is none here).
+    if Path(record.bindspace) != bindspace or bindspace.name not in bindspace_names(record.lease_id):
+        return None
+    if (problem := _problem(record)) is not None:
         raise BadRecord(problem)
     return record
 
