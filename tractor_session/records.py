@@ -83,8 +83,8 @@ def _problem(record: LeaseRecord) -> str | None:
         return f"port {record.port} is not a port"
     for name in ("holder", "runner"):
         pid, start = getattr(record, f"{name}_pid"), getattr(record, f"{name}_start")
-        if pid is not None and pid <= 1:
-            return f"{name} pid {pid} cannot bound a lease"
+        if pid is not None and pid <= 0:  # 1 may be: a client that is its container's init
+            return f"{name} pid {pid} is not a process"
         if start is not None and not math.isfinite(start):
             return f"{name} start time {start} is not a time"
     if record.runner_pid is not None and record.holder_pid is None:
