@@ -1,7 +1,10 @@
 """The daemon goes and comes back: leases outlive a SIGKILLed or cleanly
 stopped daemon and are re-adopted by the next one (a ttl keeps running, a
 reused holder pid is not taken for the holder, a lease whose holder died
-meanwhile is ended, a reap cut short is finished); exactly one daemon
+meanwhile is ended, a reap cut short is finished, a ``lease -- CMD``
+still ends with its ``lease`` process); records are hostile input (one
+that cannot be read is skipped, one that cannot be true is quarantined,
+and neither keeps a daemon from serving the rest); exactly one daemon
 serves a root, whether two start at once, a second is started by hand, or
 fifty clients start one on demand; ``status`` never starts one.
 
