@@ -21,6 +21,7 @@ started after everything the test built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from conftest import (
     lease_env,
     live_leases,
     pid_alive,
+    start_lease_cmd,
     stop,
     wait_for,
 )
@@ -430,6 +432,28 @@ def test_gc_while_no_daemon_runs_spares_live_sessions(runtime: Runtime) -> None:
 # -- 2. sockets in the shared default bindspace ------------------------------------
 
 
+def test_gc_while_no_daemon_runs_ends_a_lease_cmd_whose_lease_process_died(runtime: Runtime) -> None:
+    """What ends ``lease -- CMD`` with a daemon ends it without one: its
+    ``lease`` process SIGKILLed, gc removes the session and reaps CMD,
+    though CMD, the lease's recorded holder, still runs."""
+    daemon = runtime.start_daemon()
+    cli, cmd, bindspace, _ = start_lease_cmd(runtime, cmd=["sleep", "300"])
+    try:
+        daemon.kill()
+        daemon.wait()
+        cli.kill()
+        cli.wait()
+        assert pid_alive(cmd.pid)
+
+        result = runtime.cli("gc")
+        assert result.returncode == 0, result.stderr
+        assert not bindspace.exists()
+        wait_for(lambda: not pid_alive(cmd.pid), what="the command of the dead lease process to be reaped")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            cmd.kill()   # re-parented away from the CLI: no teardown finds it
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sockets_in_the_root(runtime: Runtime, mode: str, listen) -> None:
     gc = Gc(runtime, mode, grace=0)
@@ -575,6 +599,30 @@ def test_a_directory_in_place_of_the_record_does_not_break_gc(runtime: Runtime, 
 
     assert not os.path.lexists(odd_in_root), "an unreadable record counts as none"
     assert not os.path.lexists(other)
+    if gc.daemon is not None:
+        assert gc.daemon.poll() is None, "the daemon must survive"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unreadable_record_costs_one_entry(runtime: Runtime, mode: str) -> None:
+    """A bindspace whose record no one can open (a socket in its place;
+    chmod 000 would not stop root) is kept, since gc cannot tell whether
+    its lease lives, and is no reason to spare anything else, or for a
+    daemon not to start over it."""
+    odd = stage(runtime) / new_name()
+    odd.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(odd / RECORD_NAME))
+    odd_in_root = ensure_root(runtime) / odd.name
+    os.rename(odd, odd_in_root)
+    age(odd_in_root, STALE)
+    stale = stale_dir(runtime)
+    gc = Gc(runtime, mode, grace=0)
+
+    gc.run()
+
+    assert not os.path.lexists(stale)
+    assert odd_in_root.is_dir()
     if gc.daemon is not None:
         assert gc.daemon.poll() is None, "the daemon must survive"
 

@@ -78,18 +78,27 @@ def _bindspace_verdict(
     """Why the directory ``path`` is garbage (for ``session_id``'s processes,
     if given), or None if it must stay."""
     from tractor_session.procs import is_alive
-    from tractor_session.records import read_record
+    from tractor_session.records import QUARANTINED_NAME, BadRecord, read_record
 
-    record = read_record(path)
+    try:
+        record = read_record(path)
+        why_none = "no lease record"
+    except BadRecord as bad:
+        record, why_none = None, f"an invalid lease record ({bad})"
     if record is None:
         age = now - st.st_mtime
         if age < grace:
             return None
-        return f"no lease record and {age:.0f} s old"
+        if os.path.lexists(path / QUARANTINED_NAME):
+            why_none = "its lease record was quarantined as invalid"
+        return f"{why_none} and {age:.0f} s old"
     if session_id is not None and record.lease_id != session_id:
         return "its name belongs to another session now"
     if record.expires is not None and record.expires <= now:
         return "its lease expired"
+    if record.runner_pid is not None and not is_alive(record.runner_pid, record.runner_start):
+        # ``lease -- CMD``'s lease process: the lease ends with it, as with a daemon.
+        return f"its lease process pid {record.runner_pid} is dead"
     if not is_alive(record.holder_pid or 0, record.holder_start):
         return f"its holder pid {record.holder_pid} is dead"
     return None
@@ -145,8 +154,8 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
         path = Path(entry.path)
         try:
             st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone meanwhile, or cannot be looked at: one entry, not the scan
         if st.st_uid != uid:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None

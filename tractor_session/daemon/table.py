@@ -177,10 +177,13 @@ class LeaseTable:
         return self._add(record)
 
     def adopt(self, record: LeaseRecord) -> Lease:
-        """Take over a lease recorded by an earlier daemon."""
+        """Take over a lease recorded by an earlier daemon (a record
+        :mod:`.recovery` found sound)."""
         if record.port is not None:
             self.ports.adopt(record.port)
-        return self._add(record)
+        lease = self._add(record)
+        lease.runner = record.runner_pid
+        return lease
 
     def _add(self, record: LeaseRecord) -> Lease:
         lease = Lease(record)
