@@ -58,6 +58,12 @@ BLOCK = "import sys; sys.stdin.read()"
 SLEEP = "import time; time.sleep(1000)"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chaos", "the chaos test (tests/test_chaos.py)")
+    group.addoption("--chaos-seconds", type=float, default=8.0, help="how long it runs (default: 8)")
+    group.addoption("--chaos-seed", type=int, default=None, help="replay a run (its seed is in every failure)")
+
+
 def needs_root(why: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not IS_ROOT, reason=f"needs root: {why}")
 
