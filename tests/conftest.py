@@ -56,6 +56,10 @@ BLOCK = "import sys; sys.stdin.read()"
 # Python code for a process that lives until it is signalled; SIGINT ends it
 # (KeyboardInterrupt).
 SLEEP = "import time; time.sleep(1000)"
+# A shell command that ignores SIGINT (so do its children) and keeps
+# starting processes of its session: whatever one scan finds, more run by
+# the time a grace period is over.
+KEEPS_FORKING = 'trap "" INT; while :; do sleep 600 & sleep 0.05; done'
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from conftest import (
     DEADLINE,
+    KEEPS_FORKING,
     QUICK_REAP,
     RECLAIM,
     SLEEP,
@@ -143,12 +144,6 @@ def test_sigkilled_lease_cli_ends_lease_and_reaps_cmd(runtime: Runtime, strays: 
     wait_for(lambda: not pid_alive(cmd.pid), RECLAIM, "the orphaned CMD to be reaped")
     assert lease_id not in live_leases(runtime)
     assert status_json(runtime) == []
-
-
-# A command that ignores SIGINT (so do its children) and keeps starting
-# processes of its session: whatever one scan finds, more run by the time
-# the grace is over.
-KEEPS_FORKING = 'trap "" INT; while :; do sleep 600 & sleep 0.05; done'
 
 
 def test_what_the_session_starts_while_it_ends_is_ended_before_it_is_freed(runtime: Runtime) -> None:

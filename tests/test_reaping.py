@@ -21,12 +21,14 @@ import psutil
 import pytest
 from conftest import (
     IS_ROOT,
+    KEEPS_FORKING,
     NOBODY,
     QUICK_REAP,
     RECLAIM,
     SLEEP,
     PortPool,
     Runtime,
+    carrying,
     export_lease,
     kill_if_alive,
     lease_env,
@@ -149,6 +151,26 @@ def test_no_reap_leftovers_are_spared_by_gc(runtime: Runtime, daemon) -> None:
         assert pid_alive(pids["grandchild"])
     finally:
         kill_if_alive(*pids.values())
+
+
+def test_gc_ends_what_a_dead_session_starts_while_it_is_ended(runtime: Runtime, pool: PortPool) -> None:
+    """A process joins a session after its end (a stale envelope) and keeps
+    forking, SIGINT or not: the daemon's gc leaves nothing of it."""
+    runtime.start_daemon("--port-pool", str(pool), *QUICK_REAP)
+    lease = export_lease(runtime, runtime.holder().pid)
+    released = runtime.cli("release", lease["lease_id"])
+    assert released.returncode == 0, released.stderr
+    runtime.popen(["sh", "-c", KEEPS_FORKING], env=lease_env(runtime, lease), start_new_session=True,
+                  stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(carrying(lease["lease_id"])) > 3, what="the stale session to start processes")
+        collected = runtime.cli("gc")
+        assert collected.returncode == 0, collected.stderr
+        assert "through the daemon" in collected.stdout
+        survivors = carrying(lease["lease_id"])
+        assert not survivors, f"{len(survivors)} processes of the dead session outlived gc: {survivors}"
+    finally:
+        kill_if_alive(*(p.pid for p in carrying(lease["lease_id"])))
 
 
 # -- and only its leftovers ---------------------------------------------------------------

@@ -43,13 +43,6 @@ _R = TypeVar("_R")
 _Args = TypeVarTuple("_Args")
 
 
-async def reap(victims: list[Victim], grace: float) -> list[Reaped]:
-    """SIGINT ``victims``, then SIGKILL what remains after ``grace``."""
-    if not victims:
-        return []
-    return await _in_thread(procs.terminate, victims, grace)
-
-
 async def _in_thread(fn: Callable[[Unpack[_Args]], _R], *args: *_Args) -> _R:
     """``fn(*args)`` in a worker thread, each with its own (waits out a grace)."""
     return await trio.to_thread.run_sync(fn, *args, limiter=_REAPERS, abandon_on_cancel=True)
@@ -160,6 +153,16 @@ async def collect_garbage(
     findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live_names]
     if dry_run:
         return findings.items()
-    reaped = await reap(findings.victims(), reap_grace)
+    dead = set(findings.processes)
+
+    async def find() -> list[Victim]:
+        # What a dead session started meanwhile is found too, and reported with it.
+        found = await trio.to_thread.run_sync(procs.session_processes_of_root, root)
+        for sid in dead & found.keys():
+            known = {_key(v) for v in findings.processes[sid]}
+            findings.processes[sid] += [v for v in found[sid] if _key(v) not in known]
+        return [v for sid in dead for v in found.get(sid, [])]
+
+    reaped = await end_processes(find, reap_grace) if dead else []
     removed = await trio.to_thread.run_sync(gc.remove, root, findings.bindspaces + findings.sockets)
     return findings.reaped_items(reaped) + removed
