@@ -306,10 +306,14 @@ def test_bindspace_of_dead_holder_or_expired_lease_is_removed(runtime: Runtime, 
         bindspace = runtime.root / lease_id.replace("-", "")[:12]
         bindspace.mkdir(mode=0o700)
         (bindspace / "tractor").mkdir(mode=0o700)
-        write_record(LeaseRecord(
-            lease_id=lease_id, bindspace=str(bindspace), transport="uds", port=None, env={},
-            created=time.time(), holder_pid=holder_pid, holder_start=holder_start, expires=expires,
-        ))
+        fd = os.open(bindspace, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            write_record(LeaseRecord(
+                lease_id=lease_id, bindspace=str(bindspace), transport="uds", port=None, env={},
+                created=time.time(), holder_pid=holder_pid, holder_start=holder_start, expires=expires,
+            ), fd)
+        finally:
+            os.close(fd)
         return bindspace, lease_id
 
     dead, dead_id = recorded(holder, holder_start)

@@ -15,8 +15,10 @@ Safety comes first: nothing outside the root, no symlink followed (a link
 named like a bindspace is removed as a link), nothing another user owns,
 nothing whose name is not ours, and never a listened-on socket.
 
-No trio: ``tractor-session gc`` runs this directly when no daemon runs,
-and the daemon from a worker thread.  Records (msgspec) and processes
+Everything is done relative to the root's fd (:mod:`tractor_session.rootdir`),
+so a root swapped for a link mid-run leads nowhere new.  No trio:
+``tractor-session gc`` runs this directly when no daemon runs, and the
+daemon from a worker thread.  Records (msgspec) and processes
 (psutil) are imported when a scan starts, not with the module.
 """
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tractor_session import paths
+from tractor_session.rootdir import RootDir, remove_bindspace
 
 TYPE_CHECKING = False  # see client.py
 if TYPE_CHECKING:
@@ -72,12 +75,12 @@ class Findings:
         return [*procs, *self.bindspaces, *self.sockets]
 
 
-def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float) -> str | None:
-    """Why the directory ``path`` is garbage, or None if it must stay."""
+def _bindspace_verdict(root: RootDir, name: str, st: os.stat_result, grace: float, now: float) -> str | None:
+    """Why the directory ``name`` is garbage, or None if it must stay."""
     from tractor_session.procs import is_alive
-    from tractor_session.records import read_record
+    from tractor_session.records import read_bindspace_record
 
-    record = read_record(path)
+    record = read_bindspace_record(root, name)
     if record is None:
         age = now - st.st_mtime
         if age < grace:
@@ -90,7 +93,7 @@ def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float)
     return None
 
 
-def socket_listened_on(path: Path) -> bool:
+def socket_listened_on(path: str | Path) -> bool:
     """Only a refused connect proves nobody listens; any other failure
     (a full backlog, no permission, ...) keeps the socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -104,20 +107,20 @@ def socket_listened_on(path: Path) -> bool:
     return True
 
 
-def _socket_verdict(path: Path) -> str | None:
+def _socket_verdict(root: RootDir, name: str) -> str | None:
     from tractor_session.procs import is_alive
 
-    if socket_listened_on(path):
+    if socket_listened_on(root.socket_path(name)):
         return None
     # tractor names actor sockets <name>@<pid>.sock; registry@<port>.sock
     # carries a port, not a pid.
-    m = _ACTOR_SOCKET_RE.fullmatch(path.name)
+    m = _ACTOR_SOCKET_RE.fullmatch(name)
     if m and m.group(1) != "registry" and not is_alive(int(m.group(2)), None):
         return f"its binder pid {m.group(2)} is dead and nobody listens"
     return "nobody listens on it"
 
 
-def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
+def scan(root: RootDir, grace: float = DEFAULT_GRACE) -> Findings:
     """Find garbage in ``root``.  A daemon drops from the findings what its
     table knows to be live; without one, the records decide."""
     from tractor_session.procs import session_processes_of_root
@@ -127,17 +130,15 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
     findings = Findings()
     # Processes first: a lease granted after this scan cannot own one of
     # the processes it found, so checking liveness afterwards is race-free.
-    for sid, victims in session_processes_of_root(root).items():
+    for sid, victims in session_processes_of_root(Path(root.path)).items():
         if _session_is_dead(root, sid, grace):
             findings.processes[sid] = victims
     uid = os.getuid()
     now = time.time()
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return findings
+    with os.scandir(root.fd) as scanned:
+        entries = list(scanned)
     for entry in entries:
-        path = Path(entry.path)
+        path = root.path_of(entry.name)
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
@@ -146,59 +147,55 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
         if ours and stat.S_ISLNK(st.st_mode):
-            findings.bindspaces.append(GcItem("symlink", str(path), "a symlink named like a bindspace"))
+            findings.bindspaces.append(GcItem("symlink", path, "a symlink named like a bindspace"))
         elif ours and stat.S_ISDIR(st.st_mode):
             try:
-                why = _bindspace_verdict(path, st, grace, now)
+                why = _bindspace_verdict(root, entry.name, st, grace, now)
             except OSError:
                 continue  # its record cannot be read right now: keep it
             if why:
-                findings.bindspaces.append(GcItem("bindspace", str(path), why))
-        elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(path)):
-            findings.sockets.append(GcItem("socket", str(path), why))
+                findings.bindspaces.append(GcItem("bindspace", path, why))
+        elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(root, entry.name)):
+            findings.sockets.append(GcItem("socket", path, why))
     return findings
 
 
-def _session_is_dead(root: Path, session_id: str, grace: float) -> bool:
-    bindspace = root / paths.short_name(session_id)
+def _session_is_dead(root: RootDir, session_id: str, grace: float) -> bool:
+    name = paths.short_name(session_id)
     try:
-        st = os.lstat(bindspace)
+        st = root.lstat(name)
     except FileNotFoundError:
         return True
     if not stat.S_ISDIR(st.st_mode):
         return True
     try:
-        return _bindspace_verdict(bindspace, st, grace, time.time()) is not None
+        return _bindspace_verdict(root, name, st, grace, time.time()) is not None
     except OSError:
         return False  # cannot tell: spare it
 
 
-def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
+def remove(root: RootDir, items: list[GcItem]) -> list[GcItem]:
     """Remove bindspaces, links and sockets found by :func:`scan`; return
     what was actually removed."""
-    from tractor_session.records import remove_bindspace
-
     removed: list[GcItem] = []
     for item in items:
-        path = Path(item.path)
-        if path.parent != root:
+        parent, _, name = item.path.rpartition("/")
+        if parent != root.path:
             continue  # never anything outside the root
         try:
-            st = os.lstat(path)
+            st = root.lstat(name)
         except FileNotFoundError:
             continue
         try:
             if stat.S_ISDIR(st.st_mode) and item.kind == "bindspace":
-                remove_bindspace(str(root), str(path))
-                if os.path.lexists(path):
-                    continue
+                remove_bindspace(root.fd, name)
             elif stat.S_ISLNK(st.st_mode):
-                os.unlink(path)
+                os.unlink(name, dir_fd=root.fd)
             elif stat.S_ISSOCK(st.st_mode):
                 # Checked again: someone may have bound it since the scan.
-                if socket_listened_on(path):
+                if socket_listened_on(root.socket_path(name)):
                     continue
-                os.unlink(path)
+                os.unlink(name, dir_fd=root.fd)
             else:
                 continue
         except OSError:
@@ -222,13 +219,14 @@ def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None
     with _flock(control / "spawn.lock", block=True), _flock(control / "daemon.lock", block=False) as free:
         if not free:
             raise BusyError("a daemon holds this root but did not answer; retry `tractor-session gc`")
-        findings = scan(root, DEFAULT_GRACE if grace is None else grace)
-        if dry_run:
-            return findings.items()
-        from tractor_session.procs import terminate
+        with RootDir.open(root) as opened:
+            findings = scan(opened, DEFAULT_GRACE if grace is None else grace)
+            if dry_run:
+                return findings.items()
+            from tractor_session.procs import terminate
 
-        reaped = terminate(findings.victims(), DEFAULT_REAP_GRACE)
-        return findings.reaped_items(reaped) + remove(root, findings.bindspaces + findings.sockets)
+            reaped = terminate(findings.victims(), DEFAULT_REAP_GRACE)
+            return findings.reaped_items(reaped) + remove(opened, findings.bindspaces + findings.sockets)
 
 
 class BusyError(RuntimeError):

@@ -45,7 +45,8 @@ from tractor_session.protocol import (
     Shown,
     Status,
 )
-from tractor_session.records import BINDSPACE_NAME_RE, read_record
+from tractor_session.records import BINDSPACE_NAME_RE, read_bindspace_record
+from tractor_session.rootdir import RootDir
 
 log = logging.getLogger("tractor_session.daemon")
 traffic = logging.getLogger(LEASE_TRAFFIC)  # grants and releases: `serve -v`
@@ -66,7 +67,7 @@ class Sessions:
         self.config = config
         self.notifier = notifier
         self.lifetime = lifetime
-        self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
+        self.table = LeaseTable(RootDir.open(config.root), PortPool(config.port_pool), config.socket)
         self.ending: dict[str, trio.Event] = {}
         # One watch per holder process, however many leases it holds.
         self.by_holder: dict[HolderKey, set[str]] = {}
@@ -97,15 +98,11 @@ class Sessions:
 
     def recover(self) -> None:
         """Re-adopt the leases an earlier daemon left on disk."""
-        try:
-            names = os.listdir(self.config.root)
-        except FileNotFoundError:
-            return
         dead = 0
-        for name in names:
+        for name in os.listdir(self.table.root.fd):
             if not BINDSPACE_NAME_RE.fullmatch(name):
                 continue
-            record = read_record(self.config.root / name)
+            record = read_bindspace_record(self.table.root, name)
             if record is None:
                 continue
             lease = self.table.adopt(record)
@@ -335,7 +332,7 @@ class Sessions:
                 reaped = await self._reap(lease, spare, roots)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
-            self.table.end(lease)
+            await self.table.end(lease, reason)
             self.ended[lease.lease_id] = reason
             if len(self.ended) > ENDED_REMEMBERED:
                 del self.ended[next(iter(self.ended))]
@@ -390,10 +387,15 @@ class Sessions:
     async def collect(self, dry_run: bool = False, grace: float | None = None) -> list[GcItem]:
         """Find (and unless ``dry_run``, remove) the root's garbage."""
         grace = self.config.gc_grace if grace is None else grace
+        self.table.check_root()
+        if not dry_run:
+            for lease_id, reason in list(self.table.unremoved.items()):
+                if (lease := self.table.leases.get(lease_id)) is not None:
+                    self._end_in_background(lease, reason)
         # Live ids are read after the scan: a lease granted while it ran is
         # spared (grants happen in this thread, whole, between two awaits).
         return await reaping.collect_garbage(
-            self.config.root, grace, lambda: {*self.table.leases, *self.table.by_short},
+            self.table.root, grace, lambda: {*self.table.leases, *self.table.by_short},
             self.config.reap_grace, dry_run,
         )
 
