@@ -140,7 +140,10 @@ def remove_bindspace(root_fd: int, name: str) -> None:
         return
     try:
         clear_dir(fd, keep=RECORD_NAME)
-        clear_dir(fd)  # the record, whatever it is
+        try:
+            _unlink(RECORD_NAME, fd)
+        except (IsADirectoryError, PermissionError):  # a directory in its place
+            clear_dir(fd)
     finally:
         os.close(fd)
     try:
@@ -183,35 +186,37 @@ def clear_dir(top: int, keep: str | None = None) -> None:
             fd = parent
             if _ident(os.fstat(fd)) != parent_ident:
                 raise OSError(errno.ESTALE, f"a directory was moved while {emptied!r} in it was being removed")
-            os.rmdir(emptied, dir_fd=fd)
+            try:
+                os.rmdir(emptied, dir_fd=fd)
+            except OSError as err:
+                # Filled meanwhile, or an entry was hidden from the pass: the
+                # next pass of this directory goes down into it again.
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise
     finally:
         if fd != top:
             os.close(fd)
 
 
 def _clear_files(fd: int, keep: str | None) -> str | None:
-    """Remove every entry of ``fd`` but ``keep`` and non-empty directories,
-    in passes until one removes nothing; return a non-empty subdirectory,
-    or None once only ``keep`` may be left."""
-    removed = True
-    while removed:
-        removed = False
-        with os.scandir(fd) as entries:
-            for entry in entries:
-                if entry.name == keep:
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        os.rmdir(entry.name, dir_fd=fd)
-                    else:
-                        os.unlink(entry.name, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                except OSError as err:
-                    if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
-                        return entry.name
-                    raise
-                removed = True
+    """Remove every entry of ``fd`` but ``keep`` and non-empty directories;
+    return a non-empty subdirectory, or None once none was met.  (An entry a
+    concurrent change hid from this pass fails its directory's ``rmdir``.)"""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.name == keep:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    os.rmdir(entry.name, dir_fd=fd)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+                    return entry.name
+                raise
     return None
 
 

@@ -297,6 +297,8 @@ class Sessions:
         watched; the failure costs a log line, never the daemon."""
         try:
             await self.end_lease(lease, reason)
+        except LeaseError as err:  # says all there is to say
+            log.error("could not end lease %s (%s): %s", short_name(lease.lease_id), reason, err)
         except Exception:
             log.exception("could not end lease %s (%s); it stays live", short_name(lease.lease_id), reason)
 
