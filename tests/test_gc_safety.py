@@ -551,6 +551,34 @@ def test_a_directory_in_place_of_the_record_does_not_break_gc(runtime: Runtime, 
         assert gc.daemon.poll() is None, "the daemon must survive"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deep_tree_does_not_break_gc(runtime: Runtime, mode: str) -> None:
+    """1,200 nested directories in a stale bindspace (issue 18, item 5): a
+    recursive remover died on them and skipped the rest."""
+    gc = Gc(runtime, mode, grace=0)
+    deep = stage(runtime) / hex12()
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1200):  # through fds: the path passes PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            fd, above = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(above)
+    finally:
+        os.close(fd)
+    deep_in_root = runtime.root / deep.name
+    os.rename(deep, deep_in_root)
+    age(deep_in_root, STALE)
+    others = [stale_dir(runtime) for _ in range(3)]
+
+    gc.run()
+
+    for path in (deep_in_root, *others):
+        assert not os.path.lexists(path)
+    if gc.daemon is not None:
+        assert gc.daemon.poll() is None, "the daemon must survive"
+
+
 def test_a_fifo_in_place_of_the_record_does_not_hang_gc(runtime: Runtime) -> None:
     odd = stage(runtime) / hex12()
     odd.mkdir()
