@@ -106,6 +106,8 @@ class LeaseTable:
         # lease id -> why it was ending, for the leases whose directory could
         # not be removed: they stay whole, to be ended again by the next sweep.
         self.unremoved: dict[str, str] = {}
+        # Leases whose directory a worker thread is removing right now.
+        self.removing: set[str] = set()
         self._root_moved: str | None = None
 
     def __len__(self) -> int:
@@ -242,6 +244,8 @@ class LeaseTable:
 
     def update(self, lease: Lease, **changes: object) -> None:
         """Change a lease's record, on disk first."""
+        if lease.lease_id in self.removing:  # its record would stop the removal
+            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} is ending")
         new = msgspec.structs.replace(lease.record, **changes)
         fd = self.root.open_bindspace(short_name(lease.lease_id))
         try:
@@ -260,6 +264,7 @@ class LeaseTable:
         raises a :class:`LeaseError` saying so."""
         if lease.lease_id not in self.leases:
             return
+        self.removing.add(lease.lease_id)
         try:
             # Abandoned if the daemon stops: the record goes last, so the next
             # daemon finds the lease and ends it again.
@@ -274,6 +279,8 @@ class LeaseTable:
                 f" ({err}); the lease stays, with its port, and its end is retried at every gc sweep"
                 " (or `tractor-session gc`)",
             ) from None
+        finally:
+            self.removing.discard(lease.lease_id)
         self.unremoved.pop(lease.lease_id, None)
         del self.leases[lease.lease_id]
         lease.ended = True
