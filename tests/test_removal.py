@@ -36,6 +36,8 @@ from conftest import (
     wait_for,
 )
 
+from tractor_session.records import RECORD_NAME
+
 DEPTH = 1200
 MANY_FILES = 50_000
 
@@ -212,3 +214,27 @@ def test_a_root_swapped_for_a_symlink_leads_the_daemon_nowhere(runtime: Runtime)
     assert released.returncode == 0, released.stderr
     assert not os.path.lexists(moved / name), "the lease's own directory went with it"
     untouched()
+
+
+def test_a_bindspace_swapped_for_a_symlink_leads_the_daemon_nowhere(runtime: Runtime) -> None:
+    """The daemon reaches a bindspace through the root's fd, never through a
+    link in its place: a renewal (which rewrites the record) and the lease's
+    end leave the link's target alone."""
+    runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid, "--tpt-proto", "uds", "--ttl", "600")
+    bindspace = Path(lease["bindspace"])
+    victim = stale_named(runtime.base / "victim")
+    (victim / RECORD_NAME).write_text("someone's record")
+    before = sorted(victim.rglob("*"))
+    os.rename(bindspace, runtime.base / "aside")
+    os.symlink(victim, bindspace)
+
+    runtime.cli("renew", lease["lease_id"], "--ttl", "900")  # fails: its directory is gone
+    released = runtime.cli("release", lease["lease_id"])
+
+    assert released.returncode == 0, released.stderr
+    assert not os.path.lexists(bindspace), "the link is removed as itself"
+    assert sorted(victim.rglob("*")) == before
+    assert (victim / RECORD_NAME).read_text() == "someone's record"
+    assert (victim / "tractor" / "keep").read_text() == "someone's file"
