@@ -75,19 +75,33 @@ class Findings:
         return [*procs, *self.bindspaces, *self.sockets]
 
 
-def _bindspace_verdict(root: RootDir, name: str, st: os.stat_result, grace: float, now: float) -> str | None:
-    """Why the directory ``name`` is garbage, or None if it must stay."""
+def _bindspace_verdict(
+    root: RootDir, name: str, st: os.stat_result, grace: float, now: float, session_id: str | None = None
+) -> str | None:
+    """Why the directory ``name`` is garbage (for ``session_id``'s processes,
+    if given), or None if it must stay."""
     from tractor_session.procs import is_alive
-    from tractor_session.records import read_bindspace_record
+    from tractor_session.records import QUARANTINED_NAME, BadRecord, read_bindspace_record
 
-    record = read_bindspace_record(root, name)
+    try:
+        record = read_bindspace_record(root, name)
+        why_none = "no lease record"
+    except BadRecord as bad:
+        record, why_none = None, f"an invalid lease record ({bad})"
     if record is None:
         age = now - st.st_mtime
         if age < grace:
             return None
-        return f"no lease record and {age:.0f} s old"
+        if root.has(f"{name}/{QUARANTINED_NAME}"):
+            why_none = "its lease record was quarantined as invalid"
+        return f"{why_none} and {age:.0f} s old"
+    if session_id is not None and record.lease_id != session_id:
+        return "its name belongs to another session now"
     if record.expires is not None and record.expires <= now:
         return "its lease expired"
+    if record.runner_pid is not None and not is_alive(record.runner_pid, record.runner_start):
+        # ``lease -- CMD``'s lease process: the lease ends with it, as with a daemon.
+        return f"its lease process pid {record.runner_pid} is dead"
     if not is_alive(record.holder_pid or 0, record.holder_start):
         return f"its holder pid {record.holder_pid} is dead"
     return None
@@ -141,8 +155,8 @@ def scan(root: RootDir, grace: float = DEFAULT_GRACE) -> Findings:
         path = root.path_of(entry.name)
         try:
             st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone meanwhile, or cannot be looked at: one entry, not the scan
         if st.st_uid != uid:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
@@ -161,17 +175,23 @@ def scan(root: RootDir, grace: float = DEFAULT_GRACE) -> Findings:
 
 
 def _session_is_dead(root: RootDir, session_id: str, grace: float) -> bool:
-    name = paths.short_name(session_id)
-    try:
-        st = root.lstat(name)
-    except FileNotFoundError:
-        return True
-    if not stat.S_ISDIR(st.st_mode):
-        return True
-    try:
-        return _bindspace_verdict(root, name, st, grace, time.time()) is not None
-    except OSError:
-        return False  # cannot tell: spare it
+    """Whether no bindspace of ``session_id`` is live.  Bindspace names are
+    short and get reused: a directory of the name whose record names
+    another session does not keep this one alive."""
+    now = time.time()
+    for name in paths.bindspace_names(session_id):
+        try:
+            st = root.lstat(name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            if _bindspace_verdict(root, name, st, grace, now, session_id) is None:
+                return False
+        except OSError:
+            return False  # cannot tell: spare it
+    return True
 
 
 def remove(root: RootDir, items: list[GcItem]) -> list[GcItem]:

@@ -28,7 +28,9 @@ import sys
 from tractor_session import paths
 
 RECORD_NAME = ".tractor-session-lease"
-BINDSPACE_NAME_RE = re.compile(r"[0-9a-f]{12}")
+BINDSPACE_NAME_RE = re.compile(
+    rf"[0-9a-f]{{{paths.BINDSPACE_NAME_LEN}}}|[0-9a-f]{{{paths.LEGACY_BINDSPACE_NAME_LEN}}}"
+)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A name that is a symlink or not a directory: removed as itself.
@@ -113,6 +115,14 @@ class RootDir:
 
     def lstat(self, name: str) -> os.stat_result:
         return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def has(self, path: str) -> bool:
+        """Whether ``path`` (relative to the root) exists, as a link or not."""
+        try:
+            self.lstat(path)
+        except OSError:
+            return False
+        return True
 
 
 def open_dir(name: str, dir_fd: int) -> int:

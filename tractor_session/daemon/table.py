@@ -30,7 +30,7 @@ import trio
 
 from tractor_session import envelope
 from tractor_session.daemon.ports import PortPool, PortPoolError
-from tractor_session.paths import SHORT_NAME_LEN, root_too_long, short_name
+from tractor_session.paths import SHORT_NAME_LEN, bindspace_name, root_too_long, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
 from tractor_session.records import LeaseRecord, create_record, write_record
 from tractor_session.rootdir import RECORD_NAME, RootDir, remove_bindspace
@@ -58,6 +58,11 @@ class Lease:
     @property
     def lease_id(self) -> str:
         return self.record.lease_id
+
+    @property
+    def name(self) -> str:
+        """Its bindspace's name in the root (4 hex digits, 12 if legacy)."""
+        return self.record.bindspace.rpartition("/")[2]
 
     def info(self) -> LeaseInfo:
         r = self.record
@@ -99,7 +104,7 @@ class LeaseTable:
         self._socket = str(control_socket)
         self.ports = ports
         self.leases: dict[str, Lease] = {}
-        # 12-hex names handed out, so prefix lookups and collisions are O(1).
+        # Short ids (12 hex) of the live leases, so prefix lookups are O(1).
         self.by_short: dict[str, Lease] = {}
         # parent lease id -> ids of its children (an xdist run's workers).
         self.children: dict[str, set[str]] = {}
@@ -229,10 +234,13 @@ class LeaseTable:
         return moved
 
     def adopt(self, record: LeaseRecord) -> Lease:
-        """Take over a lease recorded by an earlier daemon."""
+        """Take over a lease recorded by an earlier daemon (a record
+        :mod:`.recovery` found sound)."""
         if record.port is not None:
             self.ports.adopt(record.port)
-        return self._add(record)
+        lease = self._add(record)
+        lease.runner = record.runner_pid
+        return lease
 
     def _add(self, record: LeaseRecord) -> Lease:
         lease = Lease(record)
@@ -247,7 +255,7 @@ class LeaseTable:
         if lease.lease_id in self.removing:  # its record would stop the removal
             raise LeaseError("ended", f"lease {short_name(lease.lease_id)} is ending")
         new = msgspec.structs.replace(lease.record, **changes)
-        fd = self.root.open_bindspace(short_name(lease.lease_id))
+        fd = self.root.open_bindspace(lease.name)
         try:
             write_record(new, fd)
         finally:
@@ -269,7 +277,7 @@ class LeaseTable:
             # Abandoned if the daemon stops: the record goes last, so the next
             # daemon finds the lease and ends it again.
             await trio.to_thread.run_sync(
-                remove_bindspace, self.root.fd, short_name(lease.lease_id), abandon_on_cancel=True,
+                remove_bindspace, self.root.fd, lease.name, abandon_on_cancel=True,
             )
         except OSError as err:
             self.unremoved[lease.lease_id] = reason
@@ -296,7 +304,7 @@ class LeaseTable:
         """A fresh lease id, its bindspace's name, and the bindspace open."""
         for _ in range(100):
             lease_id = str(uuid.uuid4())
-            name = short_name(lease_id)
+            name = bindspace_name(lease_id)
             try:
                 # The daemon runs with umask 077, so this is exactly 0700.
                 os.mkdir(name, 0o700, dir_fd=self.root.fd)
