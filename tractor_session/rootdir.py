@@ -8,11 +8,11 @@ The path is only what clients are told (their envelopes name it) and what
 people are shown; :meth:`RootDir.moved` says when it no longer leads to
 the fd.  ``tractor-session gc`` without a daemon opens the root the same way.
 
-Removal (:func:`remove_bindspace`) is iterative and holds at most two fds
-below the root whatever the depth: it goes down by ``openat`` and back up
-by ``..``, checking that the directory it comes back to is the one it
-left.  The lease record is removed last, so a removal that fails part-way
-leaves a directory whose record still says whose it is.
+Removal (:func:`remove_bindspace`) is iterative and holds three fds at
+most whatever the depth: it goes down by ``openat`` and back up by ``..``,
+checking that the directory it comes back to is the one it left.  The
+lease record is removed last, so a removal that fails part-way leaves a
+directory whose record still says whose it is.
 
 Standard library only: ``gc`` imports this on the light side.
 """
@@ -35,6 +35,9 @@ BINDSPACE_NAME_RE = re.compile(
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A name that is a symlink or not a directory: removed as itself.
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
+# How often emptied directories may turn out non-empty again before a
+# removal gives up (something keeps writing into the tree).
+_MAX_REFILLS = 100
 
 Ident = tuple[int, int]
 
@@ -165,8 +168,9 @@ def remove_bindspace(root_fd: int, name: str) -> None:
 def clear_dir(top: int, keep: str | None = None) -> None:
     """Empty the directory open as ``top`` (but for the entry ``keep``),
     depth first and without recursion: a 1,200-level tree costs no stack
-    and at most one fd more than ``top``."""
+    and one fd more than ``top`` (and a scan's)."""
     fd = top
+    refilled = 0
     # From ``top`` down to ``fd``: each directory entered, and the identity
     # of the directory it was entered from, checked on the way back up.
     below: list[tuple[str, Ident]] = []
@@ -202,6 +206,9 @@ def clear_dir(top: int, keep: str | None = None) -> None:
                 # Filled meanwhile, or an entry was hidden from the pass: the
                 # next pass of this directory goes down into it again.
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise
+                refilled += 1
+                if refilled > _MAX_REFILLS:
                     raise
     finally:
         if fd != top:
