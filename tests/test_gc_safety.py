@@ -152,10 +152,14 @@ def recorded(
     bindspace = rt.root / paths.bindspace_names(lease_id)[1 if legacy else 0]
     bindspace.mkdir(mode=0o700)
     (bindspace / "tractor").mkdir(mode=0o700)
-    write_record(LeaseRecord(
-        lease_id=lease_id, bindspace=str(bindspace), transport="uds", port=None, env={},
-        created=time.time(), holder_pid=holder_pid, holder_start=holder_start, expires=expires,
-    ))
+    fd = os.open(bindspace, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        write_record(LeaseRecord(
+            lease_id=lease_id, bindspace=str(bindspace), transport="uds", port=None, env={},
+            created=time.time(), holder_pid=holder_pid, holder_start=holder_start, expires=expires,
+        ), fd)
+    finally:
+        os.close(fd)
     return bindspace, lease_id
 
 
@@ -599,6 +603,34 @@ def test_a_directory_in_place_of_the_record_does_not_break_gc(runtime: Runtime, 
 
     assert not os.path.lexists(odd_in_root), "an unreadable record counts as none"
     assert not os.path.lexists(other)
+    if gc.daemon is not None:
+        assert gc.daemon.poll() is None, "the daemon must survive"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deep_tree_does_not_break_gc(runtime: Runtime, mode: str) -> None:
+    """1,200 nested directories in a stale bindspace (issue 18, item 5): a
+    recursive remover died on them and skipped the rest."""
+    gc = Gc(runtime, mode, grace=0)
+    deep = stage(runtime) / new_name()
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1200):  # through fds: the path passes PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            fd, above = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(above)
+    finally:
+        os.close(fd)
+    deep_in_root = runtime.root / deep.name
+    os.rename(deep, deep_in_root)
+    age(deep_in_root, STALE)
+    others = [stale_dir(runtime) for _ in range(3)]
+
+    gc.run()
+
+    for path in (deep_in_root, *others):
+        assert not os.path.lexists(path)
     if gc.daemon is not None:
         assert gc.daemon.poll() is None, "the daemon must survive"
 

@@ -15,8 +15,10 @@ Safety comes first: nothing outside the root, no symlink followed (a link
 named like a bindspace is removed as a link), nothing another user owns,
 nothing whose name is not ours, and never a listened-on socket.
 
-No trio: ``tractor-session gc`` runs this directly when no daemon runs,
-and the daemon from a worker thread.  Records (msgspec) and processes
+Everything is done relative to the root's fd (:mod:`tractor_session.rootdir`),
+so a root swapped for a link mid-run leads nowhere new.  No trio:
+``tractor-session gc`` runs this directly when no daemon runs, and the
+daemon from a worker thread.  Records (msgspec) and processes
 (psutil) are imported when a scan starts, not with the module.
 """
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tractor_session import paths
+from tractor_session.rootdir import RootDir, remove_bindspace
 
 TYPE_CHECKING = False  # see client.py
 if TYPE_CHECKING:
@@ -73,15 +76,15 @@ class Findings:
 
 
 def _bindspace_verdict(
-    path: Path, st: os.stat_result, grace: float, now: float, session_id: str | None = None
+    root: RootDir, name: str, st: os.stat_result, grace: float, now: float, session_id: str | None = None
 ) -> str | None:
-    """Why the directory ``path`` is garbage (for ``session_id``'s processes,
+    """Why the directory ``name`` is garbage (for ``session_id``'s processes,
     if given), or None if it must stay."""
     from tractor_session.procs import is_alive
-    from tractor_session.records import QUARANTINED_NAME, BadRecord, read_record
+    from tractor_session.records import QUARANTINED_NAME, BadRecord, read_bindspace_record
 
     try:
-        record = read_record(path)
+        record = read_bindspace_record(root, name)
         why_none = "no lease record"
     except BadRecord as bad:
         record, why_none = None, f"an invalid lease record ({bad})"
@@ -89,7 +92,7 @@ def _bindspace_verdict(
         age = now - st.st_mtime
         if age < grace:
             return None
-        if os.path.lexists(path / QUARANTINED_NAME):
+        if root.has(f"{name}/{QUARANTINED_NAME}"):
             why_none = "its lease record was quarantined as invalid"
         return f"{why_none} and {age:.0f} s old"
     if session_id is not None and record.lease_id != session_id:
@@ -104,7 +107,7 @@ def _bindspace_verdict(
     return None
 
 
-def socket_listened_on(path: Path) -> bool:
+def socket_listened_on(path: str | Path) -> bool:
     """Only a refused connect proves nobody listens; any other failure
     (a full backlog, no permission, ...) keeps the socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -118,20 +121,20 @@ def socket_listened_on(path: Path) -> bool:
     return True
 
 
-def _socket_verdict(path: Path) -> str | None:
+def _socket_verdict(root: RootDir, name: str) -> str | None:
     from tractor_session.procs import is_alive
 
-    if socket_listened_on(path):
+    if socket_listened_on(root.socket_path(name)):
         return None
     # tractor names actor sockets <name>@<pid>.sock; registry@<port>.sock
     # carries a port, not a pid.
-    m = _ACTOR_SOCKET_RE.fullmatch(path.name)
+    m = _ACTOR_SOCKET_RE.fullmatch(name)
     if m and m.group(1) != "registry" and not is_alive(int(m.group(2)), None):
         return f"its binder pid {m.group(2)} is dead and nobody listens"
     return "nobody listens on it"
 
 
-def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
+def scan(root: RootDir, grace: float = DEFAULT_GRACE) -> Findings:
     """Find garbage in ``root``.  A daemon drops from the findings what its
     table knows to be live; without one, the records decide."""
     from tractor_session.procs import session_processes_of_root
@@ -141,17 +144,15 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
     findings = Findings()
     # Processes first: a lease granted after this scan cannot own one of
     # the processes it found, so checking liveness afterwards is race-free.
-    for sid, victims in session_processes_of_root(root).items():
+    for sid, victims in session_processes_of_root(Path(root.path)).items():
         if _session_is_dead(root, sid, grace):
             findings.processes[sid] = victims
     uid = os.getuid()
     now = time.time()
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return findings
+    with os.scandir(root.fd) as scanned:
+        entries = list(scanned)
     for entry in entries:
-        path = Path(entry.path)
+        path = root.path_of(entry.name)
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
@@ -160,66 +161,61 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
         if ours and stat.S_ISLNK(st.st_mode):
-            findings.bindspaces.append(GcItem("symlink", str(path), "a symlink named like a bindspace"))
+            findings.bindspaces.append(GcItem("symlink", path, "a symlink named like a bindspace"))
         elif ours and stat.S_ISDIR(st.st_mode):
             try:
-                why = _bindspace_verdict(path, st, grace, now)
+                why = _bindspace_verdict(root, entry.name, st, grace, now)
             except OSError:
                 continue  # its record cannot be read right now: keep it
             if why:
-                findings.bindspaces.append(GcItem("bindspace", str(path), why))
-        elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(path)):
-            findings.sockets.append(GcItem("socket", str(path), why))
+                findings.bindspaces.append(GcItem("bindspace", path, why))
+        elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(root, entry.name)):
+            findings.sockets.append(GcItem("socket", path, why))
     return findings
 
 
-def _session_is_dead(root: Path, session_id: str, grace: float) -> bool:
+def _session_is_dead(root: RootDir, session_id: str, grace: float) -> bool:
     """Whether no bindspace of ``session_id`` is live.  Bindspace names are
     short and get reused: a directory of the name whose record names
     another session does not keep this one alive."""
     now = time.time()
     for name in paths.bindspace_names(session_id):
-        bindspace = root / name
         try:
-            st = os.lstat(bindspace)
+            st = root.lstat(name)
         except FileNotFoundError:
             continue
         if not stat.S_ISDIR(st.st_mode):
             continue
         try:
-            if _bindspace_verdict(bindspace, st, grace, now, session_id) is None:
+            if _bindspace_verdict(root, name, st, grace, now, session_id) is None:
                 return False
         except OSError:
             return False  # cannot tell: spare it
     return True
 
 
-def remove(root: Path, items: list[GcItem]) -> list[GcItem]:
+def remove(root: RootDir, items: list[GcItem]) -> list[GcItem]:
     """Remove bindspaces, links and sockets found by :func:`scan`; return
     what was actually removed."""
-    from tractor_session.records import remove_bindspace
-
     removed: list[GcItem] = []
     for item in items:
-        path = Path(item.path)
-        if path.parent != root:
+        parent, _, name = item.path.rpartition("/")
+        if parent != root.path:
             continue  # never anything outside the root
         try:
-            st = os.lstat(path)
+            st = root.lstat(name)
         except FileNotFoundError:
             continue
         try:
             if stat.S_ISDIR(st.st_mode) and item.kind == "bindspace":
-                remove_bindspace(str(root), str(path))
-                if os.path.lexists(path):
-                    continue
+                remove_bindspace(root.fd, name)
             elif stat.S_ISLNK(st.st_mode):
-                os.unlink(path)
+                os.unlink(name, dir_fd=root.fd)
             elif stat.S_ISSOCK(st.st_mode):
                 # Checked again: someone may have bound it since the scan.
-                if socket_listened_on(path):
+                if socket_listened_on(root.socket_path(name)):
                     continue
-                os.unlink(path)
+                os.unlink(name, dir_fd=root.fd)
             else:
                 continue
         except OSError:
@@ -243,13 +239,14 @@ def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None
     with _flock(control / "spawn.lock", block=True), _flock(control / "daemon.lock", block=False) as free:
         if not free:
             raise BusyError("a daemon holds this root but did not answer; retry `tractor-session gc`")
-        findings = scan(root, DEFAULT_GRACE if grace is None else grace)
-        if dry_run:
-            return findings.items()
-        from tractor_session.procs import terminate
+        with RootDir.open(root) as opened:
+            findings = scan(opened, DEFAULT_GRACE if grace is None else grace)
+            if dry_run:
+                return findings.items()
+            from tractor_session.procs import terminate
 
-        reaped = terminate(findings.victims(), DEFAULT_REAP_GRACE)
-        return findings.reaped_items(reaped) + remove(root, findings.bindspaces + findings.sockets)
+            reaped = terminate(findings.victims(), DEFAULT_REAP_GRACE)
+            return findings.reaped_items(reaped) + remove(opened, findings.bindspaces + findings.sockets)
 
 
 class BusyError(RuntimeError):

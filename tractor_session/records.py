@@ -1,11 +1,12 @@
-"""The on-disk lease record, and the one way a bindspace is removed.
+"""The on-disk lease record.
 
 Each lease is recorded in its own bindspace (:data:`RECORD_NAME`), written
 to a temporary file and renamed into place, so a daemon killed at any
 instant leaves either the old record or the new one.  A directory and its
 record are one unit: a restarted daemon re-adopts a lease by reading the
 records it finds, and garbage collection judges a directory by its record
-(or, without one, by its age).
+(or, without one, by its age).  The daemon reads and writes records
+relative to its bindspaces' directory fds (:mod:`tractor_session.rootdir`).
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ import errno
 import math
 import os
 import re
-import shutil
 import stat
 from pathlib import Path
 
 import msgspec
 
-from tractor_session.paths import BINDSPACE_NAME_LEN, LEGACY_BINDSPACE_NAME_LEN, bindspace_names
+from tractor_session.paths import bindspace_names
 from tractor_session.protocol import Net, Transport
+from tractor_session.rootdir import BINDSPACE_NAME_RE as BINDSPACE_NAME_RE
+from tractor_session.rootdir import RECORD_NAME as RECORD_NAME
+from tractor_session.rootdir import RootDir
 
-RECORD_NAME = ".tractor-session-lease"
 QUARANTINED_NAME = RECORD_NAME + ".bad"
 """Where a record no daemon may adopt is renamed to (:func:`quarantine`)."""
-BINDSPACE_NAME_RE = re.compile(rf"[0-9a-f]{{{BINDSPACE_NAME_LEN}}}|[0-9a-f]{{{LEGACY_BINDSPACE_NAME_LEN}}}")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -102,40 +103,57 @@ def _problem(record: LeaseRecord) -> str | None:
     return None
 
 
-def create_record(record: LeaseRecord) -> None:
-    """Write the first record of a brand-new bindspace.
+def create_record(record: LeaseRecord, bindspace_fd: int) -> None:
+    """Write the first record of a brand-new bindspace, open as ``bindspace_fd``.
 
     No temporary file is needed: a crash mid-write leaves a record that does
     not parse, which counts as no record, the state before the write.
     """
-    _write_file(f"{record.bindspace}/{RECORD_NAME}", record, os.O_EXCL)
+    _write_file(RECORD_NAME, bindspace_fd, record, os.O_EXCL)
 
 
-def write_record(record: LeaseRecord) -> None:
-    """Atomically rewrite a lease's record inside its bindspace."""
-    path = f"{record.bindspace}/{RECORD_NAME}"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    _write_file(tmp, record, os.O_TRUNC)
-    os.replace(tmp, path)
+def write_record(record: LeaseRecord, bindspace_fd: int) -> None:
+    """Atomically rewrite a lease's record inside its bindspace, open as
+    ``bindspace_fd``."""
+    tmp = f"{RECORD_NAME}.{os.getpid()}.tmp"
+    _write_file(tmp, bindspace_fd, record, os.O_TRUNC)
+    os.replace(tmp, RECORD_NAME, src_dir_fd=bindspace_fd, dst_dir_fd=bindspace_fd)
 
 
-def _write_file(path: str, record: LeaseRecord, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | mode, 0o600)
+def _write_file(name: str, dir_fd: int, record: LeaseRecord, mode: int) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | mode, 0o600, dir_fd=dir_fd)
     try:
         os.write(fd, _encoder.encode(record))
     finally:
         os.close(fd)
 
 
-def read_record(bindspace: Path) -> LeaseRecord | None:
-    """The record in ``bindspace``, or None if there is none (or only
-    something that is not its record: not a regular file, a write cut
-    short, another directory's).  Raises :class:`BadRecord` for a record that parses but cannot
-    be true, and ``OSError`` when it cannot tell, so that no one mistakes a
-    live lease for garbage."""
+def read_bindspace_record(root: RootDir, name: str) -> LeaseRecord | None:
+    """The record of the bindspace ``name`` in ``root``, read through their
+    fds; None if ``name`` is not a directory.  Raises like :func:`read_record`."""
+    try:
+        fd = root.open_bindspace(name)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return None
+        raise
+    try:
+        return read_record(Path(root.path_of(name)), fd)
+    finally:
+        os.close(fd)
+
+
+def read_record(bindspace: Path, dir_fd: int) -> LeaseRecord | None:
+    """The record in ``bindspace``, open as ``dir_fd``, or None if there is
+    none (or only something that is not its record: not a regular file, a
+    write cut short, another directory's).  Raises :class:`BadRecord` for a
+    record that parses but cannot be true, and ``OSError`` when it cannot
+    tell, so that no one mistakes a live lease for garbage."""
     try:
         # O_NONBLOCK: a FIFO planted under the record's name must not hang us.
-        fd = os.open(bindspace / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
@@ -163,42 +181,13 @@ def read_record(bindspace: Path) -> LeaseRecord | None:
     return record
 
 
-def quarantine(bindspace: str) -> None:
-    """Rename a bindspace's record aside (:data:`QUARANTINED_NAME`): no
-    daemon adopts it again, people can read it, and garbage collection
-    judges the directory as one without a record, by its age."""
-    os.rename(f"{bindspace}/{RECORD_NAME}", f"{bindspace}/{QUARANTINED_NAME}")
-
-
-def remove_bindspace(root: str, bindspace: str) -> None:
-    """Remove a session directory without ever following a symlink.
-
-    The one remover, for a lease's end and for garbage collection alike.
-    ``shutil.rmtree`` works through directory fds on Linux and the BSDs,
-    so a link swapped in mid-removal cannot send it outside the tree.
-    (Plain strings, not pathlib: this runs for every lease.)
-    """
-    parent, _, name = bindspace.rpartition("/")
-    if parent != root or not BINDSPACE_NAME_RE.fullmatch(name):
-        raise ValueError(f"refusing to remove {bindspace}: not a bindspace of {root}")
+def quarantine(root: RootDir, name: str) -> None:
+    """Rename the record of the bindspace ``name`` aside
+    (:data:`QUARANTINED_NAME`), through the fds: no daemon adopts it again,
+    people can read it, and garbage collection judges the directory as one
+    without a record, by its age."""
+    fd = root.open_bindspace(name)
     try:
-        st = os.lstat(bindspace)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(bindspace)
-        return
-    # The common case, a session that left nothing, in three syscalls that
-    # need no file descriptor (a grant failing for want of fds must still
-    # clean up); anything else (sockets, links, files) goes through rmtree.
-    for remove, path in ((os.unlink, f"{bindspace}/{RECORD_NAME}"), (os.rmdir, f"{bindspace}/tractor")):
-        try:
-            remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            break
-    try:
-        os.rmdir(bindspace)
-    except OSError:
-        shutil.rmtree(bindspace, ignore_errors=True)
+        os.rename(RECORD_NAME, QUARANTINED_NAME, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)

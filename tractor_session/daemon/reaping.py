@@ -26,6 +26,7 @@ import trio
 from tractor_session import gc, procs
 from tractor_session.procs import Target, Victim
 from tractor_session.protocol import GcItem, Reaped
+from tractor_session.rootdir import RootDir
 
 # Each reap waits out a grace period in its own thread; many sessions may
 # end at once, and trio's default limit (40) would queue them behind
@@ -139,7 +140,7 @@ class _ScanBatch:
 
 
 async def collect_garbage(
-    root: Path, grace: float, live_bindspaces: Callable[[], dict[str, str]], reap_grace: float,
+    root: RootDir, grace: float, live_bindspaces: Callable[[], dict[str, str]], reap_grace: float,
     dry_run: bool = False,
 ) -> list[GcItem]:
     """Find (and unless ``dry_run``, remove) what dead sessions left under

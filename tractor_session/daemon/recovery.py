@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from tractor_session.procs import is_alive
 from tractor_session.records import (
@@ -39,43 +38,43 @@ from tractor_session.records import (
     BadRecord,
     LeaseRecord,
     quarantine,
-    read_record,
+    read_bindspace_record,
 )
+from tractor_session.rootdir import RootDir
 
 log = logging.getLogger("tractor_session.daemon")
 
 
-def read_leases(root: Path) -> list[LeaseRecord]:
+def read_leases(root: RootDir) -> list[LeaseRecord]:
     """The lease records under ``root`` to adopt, parents first."""
-    try:
-        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
-    except FileNotFoundError:
-        return []
+    with os.scandir(root.fd) as scanned:
+        entries = sorted(scanned, key=lambda entry: entry.name)
     records: list[LeaseRecord] = []
     for entry in entries:
+        bindspace = root.path_of(entry.name)
         try:
             # A symlink named like a bindspace is garbage, never a lease.
             if not (BINDSPACE_NAME_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
                 continue
-            record = read_record(Path(entry.path))
+            record = read_bindspace_record(root, entry.name)
         except BadRecord as bad:
-            _quarantine(entry.path, str(bad))
+            _quarantine(root, bindspace, str(bad))
             continue
         except OSError as err:
             log.warning(
                 "recovery: cannot read the lease record in %s (%s); skipped: this daemon does not serve"
                 " that lease. Make the directory readable (chmod 700) or remove it, then restart the daemon"
-                " (`tractor-session stop`)", entry.path, err.strerror or err,
+                " (`tractor-session stop`)", bindspace, err.strerror or err,
             )
             continue
         if record is not None:
             records.append(record)
-    return _parents_first(_one_claim_per_port(records))
+    return _parents_first(root, _one_claim_per_port(root, records))
 
 
-def _quarantine(bindspace: str, why: str) -> None:
+def _quarantine(root: RootDir, bindspace: str, why: str) -> None:
     try:
-        quarantine(bindspace)
+        quarantine(root, bindspace.rpartition("/")[2])
     except OSError as err:
         log.warning("recovery: not adopting the lease in %s: %s; could not set its record aside: %s",
                     bindspace, why, err.strerror or err)
@@ -84,7 +83,7 @@ def _quarantine(bindspace: str, why: str) -> None:
                 bindspace, why, bindspace, QUARANTINED_NAME)
 
 
-def _one_claim_per_port(records: list[LeaseRecord]) -> list[LeaseRecord]:
+def _one_claim_per_port(root: RootDir, records: list[LeaseRecord]) -> list[LeaseRecord]:
     """Two records claiming one port cannot both be true; ending the false
     one would free the port under the true one.  The claim of a live
     holder wins, then the earlier one."""
@@ -98,14 +97,14 @@ def _one_claim_per_port(records: list[LeaseRecord]) -> list[LeaseRecord]:
     for record in sorted(records, key=claim):
         if record.port is not None:
             if (first := by_port.get(record.port)) is not None:
-                _quarantine(record.bindspace, f"its port {record.port} is lease {first.lease_id}'s")
+                _quarantine(root, record.bindspace, f"its port {record.port} is lease {first.lease_id}'s")
                 continue
             by_port[record.port] = record
         kept.append(record)
     return kept
 
 
-def _parents_first(records: list[LeaseRecord]) -> list[LeaseRecord]:
+def _parents_first(root: RootDir, records: list[LeaseRecord]) -> list[LeaseRecord]:
     """``records`` ordered parents before children; the members of a
     parent cycle (which no grant can make) are quarantined.  A record whose
     parent is not among them stays: its parent ended, and it will too."""
@@ -117,7 +116,7 @@ def _parents_first(records: list[LeaseRecord]) -> list[LeaseRecord]:
             # Everything left is on a cycle or below one: quarantine one
             # cycle, and its descendants become orphans.
             for lease_id in _a_cycle(pending):
-                _quarantine(pending.pop(lease_id).bindspace, "its parents form a cycle")
+                _quarantine(root, pending.pop(lease_id).bindspace, "its parents form a cycle")
             continue
         for record in ready:
             ordered.append(pending.pop(record.lease_id))

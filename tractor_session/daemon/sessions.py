@@ -47,6 +47,7 @@ from tractor_session.protocol import (
     Shown,
     Status,
 )
+from tractor_session.rootdir import RootDir
 
 log = logging.getLogger("tractor_session.daemon")
 traffic = logging.getLogger(LEASE_TRAFFIC)  # grants and releases: `serve -v`
@@ -67,7 +68,7 @@ class Sessions:
         self.config = config
         self.notifier = notifier
         self.lifetime = lifetime
-        self.table = LeaseTable(config.root, PortPool(config.port_pool), config.socket)
+        self.table = LeaseTable(RootDir.open(config.root), PortPool(config.port_pool), config.socket)
         self.ending: dict[str, trio.Event] = {}
         # One watch per holder process, however many leases it holds.
         self.by_holder: dict[HolderKey, set[str]] = {}
@@ -99,7 +100,7 @@ class Sessions:
         :func:`.recovery.read_leases` finds sound), and end those whose
         bound process or parent ended meanwhile."""
         dead = 0
-        for record in recovery.read_leases(self.config.root):
+        for record in recovery.read_leases(self.table.root):
             lease = self.table.adopt(record)
             key = bound_by(lease.record)
             if record.parent is not None and record.parent not in self.table.leases:
@@ -296,6 +297,8 @@ class Sessions:
         watched; the failure costs a log line, never the daemon."""
         try:
             await self.end_lease(lease, reason)
+        except LeaseError as err:  # says all there is to say
+            log.error("could not end lease %s (%s): %s", short_name(lease.lease_id), reason, err)
         except Exception:
             log.exception("could not end lease %s (%s); it stays live", short_name(lease.lease_id), reason)
 
@@ -331,7 +334,7 @@ class Sessions:
                 reaped = await self._reap(lease, spare, roots)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
-            self.table.end(lease)
+            await self.table.end(lease, reason)
             self.ended[lease.lease_id] = reason
             if len(self.ended) > ENDED_REMEMBERED:
                 del self.ended[next(iter(self.ended))]
@@ -387,10 +390,15 @@ class Sessions:
     async def collect(self, dry_run: bool = False, grace: float | None = None) -> list[GcItem]:
         """Find (and unless ``dry_run``, remove) the root's garbage."""
         grace = self.config.gc_grace if grace is None else grace
+        self.table.check_root()
+        if not dry_run:
+            for lease_id, reason in list(self.table.unremoved.items()):
+                if (lease := self.table.leases.get(lease_id)) is not None:
+                    self._end_in_background(lease, reason)
         # Live ids are read after the scan: a lease granted while it ran is
         # spared (grants happen in this thread, whole, between two awaits).
         return await reaping.collect_garbage(
-            self.config.root, grace, lambda: {i: lease.record.bindspace for i, lease in self.table.leases.items()},
+            self.table.root, grace, lambda: {i: lease.record.bindspace for i, lease in self.table.leases.items()},
             self.config.reap_grace, dry_run,
         )
 

@@ -1,16 +1,24 @@
 """The lease table: the live leases of one daemon and what they hold.
 
-Everything here is synchronous and quick (a few syscalls on a tmpfs), so
+Bookkeeping here is synchronous and quick (a few syscalls on a tmpfs), so
 the daemon calls it straight from its trio thread: no await splits picking
 a port from recording who holds it, which is what keeps two leases from
-ever sharing a port or a directory.  The rules of who may have a lease,
-and what ends one, are :mod:`tractor_session.daemon.sessions`'; this
-module only creates, finds and frees.
+ever sharing a port or a directory.  The one slow step, removing an ended
+lease's directory (it may hold 200k files), runs in a worker thread
+(:meth:`LeaseTable.end`); the lease keeps its name and its port until its
+directory is gone, and keeps them for good if it cannot be removed.
+
+Every directory operation goes through the root's fd
+(:class:`~tractor_session.rootdir.RootDir`).  The rules of who may have a
+lease, and what ends one, are :mod:`tractor_session.daemon.sessions`';
+this module only creates, finds and frees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import time
 import uuid
@@ -18,12 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import trio
 
 from tractor_session import envelope
 from tractor_session.daemon.ports import PortPool, PortPoolError
 from tractor_session.paths import SHORT_NAME_LEN, bindspace_name, root_too_long, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
-from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
+from tractor_session.records import LeaseRecord, create_record, write_record
+from tractor_session.rootdir import RECORD_NAME, RootDir, remove_bindspace
+
+log = logging.getLogger("tractor_session.daemon")
 
 
 class LeaseError(RuntimeError):
@@ -46,6 +58,11 @@ class Lease:
     @property
     def lease_id(self) -> str:
         return self.record.lease_id
+
+    @property
+    def name(self) -> str:
+        """Its bindspace's name in the root (4 hex digits, 12 if legacy)."""
+        return self.record.bindspace.rpartition("/")[2]
 
     def info(self) -> LeaseInfo:
         r = self.record
@@ -82,9 +99,8 @@ def explain_os_error(err: OSError, root: Path) -> str:
 class LeaseTable:
     """The live leases of one daemon, and the resources they hold."""
 
-    def __init__(self, root: Path, ports: PortPool, control_socket: Path) -> None:
+    def __init__(self, root: RootDir, ports: PortPool, control_socket: Path) -> None:
         self.root = root
-        self._root = str(root)
         self._socket = str(control_socket)
         self.ports = ports
         self.leases: dict[str, Lease] = {}
@@ -92,6 +108,12 @@ class LeaseTable:
         self.by_short: dict[str, Lease] = {}
         # parent lease id -> ids of its children (an xdist run's workers).
         self.children: dict[str, set[str]] = {}
+        # lease id -> why it was ending, for the leases whose directory could
+        # not be removed: they stay whole, to be ended again by the next sweep.
+        self.unremoved: dict[str, str] = {}
+        # Leases whose directory a worker thread is removing right now.
+        self.removing: set[str] = set()
+        self._root_moved: str | None = None
 
     def __len__(self) -> int:
         return len(self.leases)
@@ -127,20 +149,22 @@ class LeaseTable:
         """Create a session: directory, port, record and envelope.
 
         On any failure nothing is left behind: the directory is removed and
-        the port given back before the error propagates.
+        the port given back before the error propagates.  Refused while the
+        root's path leads elsewhere: the envelope would send the session there.
         """
         if req.parent is not None and req.parent not in self.leases:
             raise LeaseError("unknown-lease", f"parent lease {req.parent[:80]!r} is not live")
+        if (moved := self.check_root()) is not None:
+            raise LeaseError("root-moved", moved)
         try:
-            lease_id, bindspace = self._new_bindspace()
+            lease_id, name, fd = self._new_bindspace()
         except OSError as err:
-            raise LeaseError("os-error", explain_os_error(err, self.root)) from None
+            raise LeaseError("os-error", explain_os_error(err, self._root_path)) from None
         port: int | None = None
         try:
             # No checks needed: the parent is ours alone, made just now.
-            tractor_dir = f"{bindspace}/tractor"
-            os.mkdir(tractor_dir, 0o700)
-            if (too_long := root_too_long(self._root)) is not None:
+            os.mkdir("tractor", 0o700, dir_fd=fd)
+            if (too_long := root_too_long(self.root.path)) is not None:
                 raise LeaseError("path-too-long", too_long)
             if req.transport == "tcp" and req.net == "host":
                 try:
@@ -148,6 +172,7 @@ class LeaseTable:
                 except PortPoolError as err:
                     raise LeaseError("no-free-port", str(err)) from None
             now = time.time()
+            bindspace = self.root.path_of(name)
             record = LeaseRecord(
                 lease_id=lease_id,
                 bindspace=bindspace,
@@ -155,7 +180,7 @@ class LeaseTable:
                 port=port,
                 env=envelope.session_env(
                     lease_id, bindspace, req.transport, port, control_socket=self._socket,
-                    root=self._root, reap=req.reap, set_xdg=req.set_xdg, net=req.net,
+                    root=self.root.path, reap=req.reap, set_xdg=req.set_xdg, net=req.net,
                 ),
                 created=now,
                 holder_pid=holder_pid,
@@ -166,15 +191,47 @@ class LeaseTable:
                 parent=req.parent,
                 net=req.net,
             )
-            create_record(record)
+            create_record(record, fd)
         except BaseException as err:
             if port is not None:
                 self.ports.give_back(port)
-            remove_bindspace(self._root, bindspace)
+            self._unmake(name, fd)
             if isinstance(err, OSError):
-                raise LeaseError("os-error", explain_os_error(err, self.root)) from None
+                raise LeaseError("os-error", explain_os_error(err, self._root_path)) from None
             raise
+        finally:
+            os.close(fd)
         return self._add(record)
+
+    def _unmake(self, name: str, fd: int) -> None:
+        """Undo a creation through the fd it holds: what it made needs no
+        new fd to remove (the creation may have failed for want of fds).
+        Best effort: what stays, record-less, is garbage after gc's grace."""
+        for remove, entry, dir_fd in (
+            (os.unlink, RECORD_NAME, fd), (os.rmdir, "tractor", fd), (os.rmdir, name, self.root.fd),
+        ):
+            with contextlib.suppress(OSError):
+                remove(entry, dir_fd=dir_fd)
+
+    @property
+    def _root_path(self) -> Path:
+        return Path(self.root.path)
+
+    def check_root(self) -> str | None:
+        """Why the root's path no longer leads to the root this daemon
+        serves, or None; said loudly in the log when that changes."""
+        moved = self.root.moved()
+        if moved != self._root_moved:
+            if moved is not None:
+                log.error(
+                    "%s; refusing new leases (their envelopes would lead there). Live leases are still"
+                    " served and cleaned up in the directory this daemon opened at start-up. Restore"
+                    " the root, or stop this daemon (`tractor-session stop`) so that a new one starts.", moved,
+                )
+            else:
+                log.warning("the runtime root %s leads to this daemon's root again; granting leases", self.root.path)
+            self._root_moved = moved
+        return moved
 
     def adopt(self, record: LeaseRecord) -> Lease:
         """Take over a lease recorded by an earlier daemon (a record
@@ -195,32 +252,67 @@ class LeaseTable:
 
     def update(self, lease: Lease, **changes: object) -> None:
         """Change a lease's record, on disk first."""
+        if lease.lease_id in self.removing:  # its record would stop the removal
+            raise LeaseError("ended", f"lease {short_name(lease.lease_id)} is ending")
         new = msgspec.structs.replace(lease.record, **changes)
-        write_record(new)
+        fd = self.root.open_bindspace(lease.name)
+        try:
+            write_record(new, fd)
+        finally:
+            os.close(fd)
         lease.record = new
 
-    def end(self, lease: Lease) -> None:
-        """Forget a lease and free its directory and port.  Idempotent."""
-        if self.leases.pop(lease.lease_id, None) is None:
+    async def end(self, lease: Lease, reason: str) -> None:
+        """Remove a lease's directory (in a worker thread), then forget the
+        lease and free its port.  Until the directory is gone the lease
+        keeps both, so neither is handed out again while in use.
+
+        A directory that cannot be removed leaves the lease whole (in the
+        table, its record on disk, its port taken) and in ``unremoved``, and
+        raises a :class:`LeaseError` saying so."""
+        if lease.lease_id not in self.leases:
             return
+        self.removing.add(lease.lease_id)
+        try:
+            # Abandoned if the daemon stops: the record goes last, so the next
+            # daemon finds the lease and ends it again.
+            await trio.to_thread.run_sync(
+                remove_bindspace, self.root.fd, lease.name, abandon_on_cancel=True,
+            )
+        except OSError as err:
+            self.unremoved[lease.lease_id] = reason
+            raise LeaseError(
+                "os-error",
+                f"could not remove the directory {lease.record.bindspace} of lease {short_name(lease.lease_id)}"
+                f" ({err}); the lease stays, with its port, and its end is retried at every gc sweep"
+                " (or `tractor-session gc`)",
+            ) from None
+        finally:
+            self.removing.discard(lease.lease_id)
+        self.unremoved.pop(lease.lease_id, None)
+        del self.leases[lease.lease_id]
         lease.ended = True
         del self.by_short[short_name(lease.lease_id)]
         if (parent := lease.record.parent) is not None and (siblings := self.children.get(parent)):
             siblings.discard(lease.lease_id)
             if not siblings:
                 del self.children[parent]
-        remove_bindspace(self._root, lease.record.bindspace)
         if lease.record.port is not None:
             self.ports.give_back(lease.record.port)
 
-    def _new_bindspace(self) -> tuple[str, str]:
+    def _new_bindspace(self) -> tuple[str, str, int]:
+        """A fresh lease id, its bindspace's name, and the bindspace open."""
         for _ in range(100):
             lease_id = str(uuid.uuid4())
-            bindspace = f"{self._root}/{bindspace_name(lease_id)}"
+            name = bindspace_name(lease_id)
             try:
                 # The daemon runs with umask 077, so this is exactly 0700.
-                os.mkdir(bindspace, 0o700)
+                os.mkdir(name, 0o700, dir_fd=self.root.fd)
             except FileExistsError:
                 continue
-            return lease_id, bindspace
-        raise LeaseError("collision", f"could not create a unique bindspace in {self.root}")
+            try:
+                return lease_id, name, self.root.open_bindspace(name)
+            except BaseException:
+                os.rmdir(name, dir_fd=self.root.fd)
+                raise
+        raise LeaseError("collision", f"could not create a unique bindspace in {self.root.path}")
