@@ -158,7 +158,7 @@ async def collect_garbage(
 
     async def find() -> list[Victim]:
         # What a dead session started meanwhile is found too, and reported with it.
-        found = await trio.to_thread.run_sync(procs.session_processes_of_root, root)
+        found = await trio.to_thread.run_sync(procs.session_processes_of_root, Path(root.path))
         for sid in dead & found.keys():
             known = {_key(v) for v in findings.processes[sid]}
             findings.processes[sid] += [v for v in found[sid] if _key(v) not in known]
