@@ -9,6 +9,7 @@ set beside Google's portpicker ``portserver`` measured in the same run
 
     python scripts/bench.py            # the full run, a few minutes
     python scripts/bench.py --quick    # under a minute; the test suite runs it
+    python scripts/bench.py --only leftovers   # one step: the release with 1,000 leftovers
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -605,6 +607,67 @@ def measure_memory(b: Bench, n: int) -> dict[str, float]:
     }
 
 
+# Started with a lease's envelope: starts N ``sleep``s (which SIGINT ends, as
+# it would most leftovers), says so, then waits to be ended with them.
+LEFTOVER_SPAWNER = r"""
+import subprocess, sys
+kids = [subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL) for _ in range(int(sys.argv[1]))]
+print(" ".join(str(k.pid) for k in kids), flush=True)
+sys.stdin.read()
+"""
+
+
+def measure_leftover_release(b: Bench, n: int) -> dict[str, float]:
+    """A release whose session left ``n`` processes running: the release
+    request until its reply (the leftovers ended, the directory and port
+    freed), and the slowest ``status`` another client got meanwhile."""
+    holder = b.holder()
+    with b.connect() as conn:
+        granted = conn.lease(holder_pid=holder.pid)
+        spawner = subprocess.Popen(
+            [sys.executable, "-c", LEFTOVER_SPAWNER, str(n)], env={**b.env, **granted.env},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        )
+        assert spawner.stdout is not None
+        leftovers = [psutil.Process(int(pid)) for pid in spawner.stdout.readline().split()]
+        assert len(leftovers) == n, "the spawner did not start every leftover"
+        others: list[float] = []
+        releasing = True
+
+        def other_client() -> None:
+            with b.connect() as other:
+                while releasing:
+                    t = time.perf_counter()
+                    other.status()
+                    others.append(time.perf_counter() - t)
+                    time.sleep(0.005)
+
+        watcher = threading.Thread(target=other_client)
+        watcher.start()
+        try:
+            t = time.perf_counter()
+            reaped = conn.release(granted.lease.lease_id).reaped
+            seconds = time.perf_counter() - t
+            survivors = [p.pid for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        finally:
+            releasing = False
+            watcher.join()
+            for proc in leftovers:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            spawner.kill()
+            spawner.wait()
+    assert not survivors, f"{len(survivors)} of {n} leftovers survived the release"
+    assert len(reaped) >= n, f"the release reaped {len(reaped)} of {n}"
+    return {
+        "leftover_processes": n,
+        "leftover_release_s": seconds,
+        "leftover_release_other_client_max_ms": max(others, default=0.0) * 1e3,
+    }
+
+
 def measure_ttl_memory(b: Bench, n: int, warm: int) -> dict[str, float]:
     """The daemon's RSS over ``n`` day-long ttl leases, each granted and
     released, then over ``n`` renewals of one lease: what the ttl clock
@@ -647,6 +710,7 @@ TARGETS = {
     "cold_start_median_ms": ("<=", 500),
     "reclaim_p99_ms": ("<=", 100),
     "readoption_s": ("<=", 1.0),
+    "leftover_release_s": ("<=", 1.0),
     "gc_s": ("<=", 2.0),
     "rss_per_lease_kib": ("<=", 4.0),
     "fds_per_lease": ("<=", 2.0),
@@ -703,6 +767,7 @@ def main() -> int:
         ("re-adoption", lambda b: measure_readoption(b, 200 if q else 1000)),
         ("gc", lambda b: measure_gc(b, 1000 if q else 10000, 100)),
         ("memory and fds", lambda b: measure_memory(b, 1000 if q else 10000)),
+        ("release with leftovers", lambda b: measure_leftover_release(b, 300 if q else 1000)),
         ("memory over ttl leases", lambda b: measure_ttl_memory(b, *((1000, 1000) if q else (20000, 2000)))),
         ("cold start", lambda b: measure_cold_start(b, 3 if q else 10)),
         ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),

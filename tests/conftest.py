@@ -56,6 +56,10 @@ BLOCK = "import sys; sys.stdin.read()"
 # Python code for a process that lives until it is signalled; SIGINT ends it
 # (KeyboardInterrupt).
 SLEEP = "import time; time.sleep(1000)"
+# A shell command that ignores SIGINT (so do its children) and keeps
+# starting processes of its session: whatever one scan finds, more run by
+# the time a grace period is over.
+KEEPS_FORKING = 'trap "" INT; while :; do sleep 600 & sleep 0.05; done'
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -115,6 +119,18 @@ def kill_if_alive(*pids: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def carrying(lease_id: str) -> list[psutil.Process]:
+    """The live processes whose environment carries ``lease_id``'s envelope."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if lease_id in proc.environ().get("_TRACTOR_RT_VARS", "") and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
 
 def dead_pid() -> tuple[int, float]:

@@ -20,6 +20,7 @@ FIGURES = {
     "cold_start_median_ms",
     "reclaim_median_ms", "reclaim_p99_ms",
     "readoption_s",
+    "leftover_release_s",
     "gc_s",
     "rss_per_lease_kib", "fds_per_lease",
     "ttl_lease_rss_kib_per_1000", "ttl_renewal_rss_kib_per_1000",

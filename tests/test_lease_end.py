@@ -23,12 +23,15 @@ import psutil
 import pytest
 from conftest import (
     DEADLINE,
+    KEEPS_FORKING,
     QUICK_REAP,
     RECLAIM,
     SLEEP,
     Runtime,
+    carrying,
     export_lease,
     hold,
+    kill_if_alive,
     lease_env,
     live_leases,
     pid_alive,
@@ -141,6 +144,48 @@ def test_sigkilled_lease_cli_ends_lease_and_reaps_cmd(runtime: Runtime, strays: 
     wait_for(lambda: not pid_alive(cmd.pid), RECLAIM, "the orphaned CMD to be reaped")
     assert lease_id not in live_leases(runtime)
     assert status_json(runtime) == []
+
+
+def test_what_the_session_starts_while_it_ends_is_ended_before_it_is_freed(runtime: Runtime) -> None:
+    runtime.start_daemon(*QUICK_REAP)
+    cli, _, bindspace, lease_id = start_lease_cmd(runtime, cmd=["sh", "-c", KEEPS_FORKING], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(carrying(lease_id)) > 3, what="the command to start processes")
+        cli.kill()
+        cli.wait()
+        wait_for(lambda: not bindspace.exists(), RECLAIM, "the lease of the killed CLI to end")
+        # Its directory (and port) are freed only once nothing of it runs.
+        survivors = carrying(lease_id)
+        assert not survivors, f"{len(survivors)} processes of the session outlived it: {survivors}"
+    finally:
+        kill_if_alive(*(p.pid for p in carrying(lease_id)))
+
+
+# Waits for an environment (JSON, one line) on stdin, then becomes `sleep`
+# with it: a process older than the lease joins its session by execve
+# alone, creating no process.
+EXEC_INTO = r"""
+import json, os, shutil, sys
+env = json.loads(sys.stdin.readline())
+os.execve(shutil.which("sleep"), ["sleep", "1000"], env)
+"""
+
+
+def test_a_process_that_execs_into_the_session_ends_with_it(runtime: Runtime) -> None:
+    runtime.start_daemon(*QUICK_REAP)
+    joiner = runtime.popen([sys.executable, "-c", EXEC_INTO], stdin=subprocess.PIPE)
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid)
+    assert joiner.stdin is not None
+    joiner.stdin.write(json.dumps(lease_env(runtime, lease)).encode() + b"\n")
+    joiner.stdin.flush()
+    wait_for(lambda: [p.pid for p in carrying(lease["lease_id"])] == [joiner.pid], what="the joiner to exec into the session")
+
+    holder.kill()
+    holder.wait()
+
+    wait_for(lambda: not Path(lease["bindspace"]).exists(), RECLAIM, "the dead holder's lease to end")
+    assert not pid_alive(joiner.pid), "a process that joined the session by execve outlived it"
 
 
 def test_sigkilled_cli_and_command_end_the_lease_and_give_the_port_back(runtime: Runtime) -> None:

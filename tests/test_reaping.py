@@ -21,12 +21,14 @@ import psutil
 import pytest
 from conftest import (
     IS_ROOT,
+    KEEPS_FORKING,
     NOBODY,
     QUICK_REAP,
     RECLAIM,
     SLEEP,
     PortPool,
     Runtime,
+    carrying,
     export_lease,
     kill_if_alive,
     lease_env,
@@ -95,6 +97,39 @@ def test_leftover_processes_are_ended_with_the_lease(runtime: Runtime, pool: Por
         kill_if_alive(*pids.values())
 
 
+# Started with a session's envelope: starts N `sleep`s, prints their pids,
+# then waits to be ended with them.
+SPAWN_MANY = r"""
+import subprocess, sys
+kids = [subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL) for _ in range(int(sys.argv[1]))]
+print(" ".join(str(k.pid) for k in kids), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_hundreds_of_leftovers_are_all_reaped(runtime: Runtime) -> None:
+    """The scan walks one process tree however many it finds (the time it
+    takes is the benchmark's: scripts/bench.py --only leftovers)."""
+    runtime.start_daemon(*QUICK_REAP)
+    lease = export_lease(runtime, runtime.holder().pid)
+    spawner = runtime.popen(
+        [PY, "-c", SPAWN_MANY, "400"], env=lease_env(runtime, lease),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+    )
+    assert spawner.stdout is not None
+    pids = [int(pid) for pid in spawner.stdout.readline().split()]
+    try:
+        assert len(pids) == 400
+        r = runtime.cli("release", lease["lease_id"])
+        assert r.returncode == 0, r.stderr
+        # The release answers once its session's processes are gone.
+        survivors = [pid for pid in pids if pid_alive(pid)]
+        assert not survivors, f"{len(survivors)} of 400 leftovers survived the release"
+        assert not Path(lease["bindspace"]).exists()
+    finally:
+        kill_if_alive(*pids)
+
+
 def test_no_reap_leaves_leftovers_running(runtime: Runtime, daemon) -> None:
     pids, summary = leave_behind(runtime, "--no-reap")
     try:
@@ -116,6 +151,26 @@ def test_no_reap_leftovers_are_spared_by_gc(runtime: Runtime, daemon) -> None:
         assert pid_alive(pids["grandchild"])
     finally:
         kill_if_alive(*pids.values())
+
+
+def test_gc_ends_what_a_dead_session_starts_while_it_is_ended(runtime: Runtime, pool: PortPool) -> None:
+    """A process joins a session after its end (a stale envelope) and keeps
+    forking, SIGINT or not: the daemon's gc leaves nothing of it."""
+    runtime.start_daemon("--port-pool", str(pool), *QUICK_REAP)
+    lease = export_lease(runtime, runtime.holder().pid)
+    released = runtime.cli("release", lease["lease_id"])
+    assert released.returncode == 0, released.stderr
+    runtime.popen(["sh", "-c", KEEPS_FORKING], env=lease_env(runtime, lease), start_new_session=True,
+                  stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(carrying(lease["lease_id"])) > 3, what="the stale session to start processes")
+        collected = runtime.cli("gc")
+        assert collected.returncode == 0, collected.stderr
+        assert "through the daemon" in collected.stdout
+        survivors = carrying(lease["lease_id"])
+        assert not survivors, f"{len(survivors)} processes of the dead session outlived gc: {survivors}"
+    finally:
+        kill_if_alive(*(p.pid for p in carrying(lease["lease_id"])))
 
 
 # -- and only its leftovers ---------------------------------------------------------------

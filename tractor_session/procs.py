@@ -21,9 +21,14 @@ session's id: a session leased from inside this one (a nested
 
 Scanning reads ``/proc/<pid>/environ`` of this user's processes directly,
 which is several times faster than going through psutil for each one;
-elsewhere psutil does the same job.  No trio here: ``tractor-session gc``
-without a daemon uses this module, and the daemon calls it from worker
-threads.
+elsewhere psutil does the same job.  Nothing cheaper tells whether a
+session has processes: one that existed before the lease can ``execve``
+into it (its envelope in the new environment) without creating a pid, so
+every scan reads every environment.  The process tree, for descendants, is
+read once per scan, and only when something was found.
+
+No trio here: ``tractor-session gc`` without a daemon uses this module,
+and the daemon calls it from worker threads.
 """
 
 from __future__ import annotations
@@ -52,19 +57,6 @@ def _read_small(path: str) -> bytes:
         return os.read(fd, 4096)
     finally:
         os.close(fd)
-
-
-def last_pid() -> int | None:
-    """The pid most recently handed out on this host (Linux), or None.
-
-    If it has not changed between two readings, no process (or thread) was
-    created in between: the daemon uses that to skip scanning for a
-    session's leftovers when nothing can have been started inside it.
-    """
-    try:
-        return int(_read_small("/proc/sys/kernel/ns_last_pid"))
-    except (OSError, ValueError):
-        return None
 
 
 def start_time(pid: int) -> float | None:
@@ -144,37 +136,59 @@ def _matching_session(value: str, match: Match) -> str | None:
     return found._session_uuid if found._session_uuid is not None and match(found) else None
 
 
-def _envelope_in(environ: bytes) -> str | None:
+def _envelope_in(environ: bytes) -> bytes | None:
     for entry in environ.split(b"\0"):
         if entry.startswith(_MARKER):
-            try:
-                return entry[len(_MARKER):].decode()
-            except UnicodeDecodeError:
-                return None
+            return entry[len(_MARKER):]
     return None
 
 
+def _read_all(fd: int) -> bytes:
+    """All of a /proc file that may be larger than one read; /proc's
+    ``environ`` and ``cmdline`` stop short only at their end."""
+    chunks = [os.read(fd, 65536)]
+    while len(chunks[-1]) == 65536:
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks)
+
+
 def _linux_marked(needle: bytes, match: Match, by_netns: dict[int, str]) -> dict[int, str]:
+    """Every process of this user that carries a matching envelope (or
+    lives in one of ``by_netns``).  One ``open`` per process, its owner
+    told by ``fstat`` of the same file; the envelope text is parsed once
+    per distinct text, as a session's thousand processes share one."""
     uid = os.getuid()
     me = os.getpid()
     found: dict[int, str] = {}
+    sessions: dict[bytes, str | None] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
         try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
+            # Fails for another user's process (unless we are root).
+            fd = os.open(f"/proc/{name}/environ", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != uid:
                 continue
             if by_netns and (sid := by_netns.get(os.stat(f"/proc/{name}/ns/net").st_ino)):
                 found[int(name)] = sid
                 continue
-            with open(f"/proc/{name}/environ", "rb") as f:
-                data = f.read()
+            data = _read_all(fd)
         except OSError:
             continue
+        finally:
+            os.close(fd)
         # A cheap byte search first: most processes carry no envelope.
         if needle not in data or (value := _envelope_in(data)) is None:
             continue
-        if (sid := _matching_session(value, match)) is not None:
+        if value not in sessions:
+            try:
+                sessions[value] = _matching_session(value.decode(), match)
+            except UnicodeDecodeError:
+                sessions[value] = None
+        if (sid := sessions[value]) is not None:
             found[int(name)] = sid
     return found
 
@@ -230,23 +244,66 @@ def subtree(pid: int, skip: frozenset[int] = frozenset()) -> dict[int, float]:
     return found
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    """Every process's children, from one pass over the process table
-    (a walk per marked process would make a scan quadratic)."""
+def _process_table() -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Every live process's children, and its start time: the tree a scan
+    walks, built once per scan (a walk per marked process would make a
+    scan quadratic).  On Linux one read of each ``/proc/<pid>/stat``."""
     children: dict[int, list[int]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        if (ppid := proc.info["ppid"]) is not None:
-            children.setdefault(ppid, []).append(proc.pid)
-    return children
+    starts: dict[int, float] = {}
+    if HAVE_PROC_STAT:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                stat = _read_small(f"/proc/{name}/stat")
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if fields[0] not in (b"Z", b"X"):
+                starts[int(name)] = float(fields[19])
+                children.setdefault(int(fields[1]), []).append(int(name))
+        return children, starts
+    for proc in psutil.process_iter(["ppid", "create_time", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.info["create_time"] is not None:
+            starts[proc.pid] = proc.info["create_time"]
+            children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    return children, starts
+
+
+def _victim(pid: int, start: float) -> Victim | None:
+    """``pid`` as a victim, if its real owner is this user."""
+    uid = os.getuid()
+    if HAVE_PROC_STAT:
+        try:
+            status = _read_small(f"/proc/{pid}/status")
+            fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY)
+            try:
+                cmdline = _read_all(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        owner = status.partition(b"\nUid:")[2].split(maxsplit=1)[:1]
+        if owner != [str(uid).encode()]:
+            return None
+        name = status.partition(b"Name:")[2].partition(b"\n")[0].strip()
+        shown = cmdline.rstrip(b"\0").replace(b"\0", b" ") or name
+        return Victim(pid, start, shown.decode(errors="replace"))
+    try:
+        proc = psutil.Process(pid)
+        if proc.uids().real != uid:
+            return None
+        return Victim(pid, start, " ".join(proc.cmdline()) or proc.name())
+    except psutil.Error:
+        return None
 
 
 def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
-    uid = os.getuid()
     me = os.getpid()
     groups: dict[str, list[Victim]] = {}
     if not marked:
         return groups
-    children = _children_by_parent()
+    children, starts = _process_table()
     seen: set[int] = set()
     for top, sid in marked.items():
         family = [top]
@@ -256,17 +313,8 @@ def _with_descendants(marked: dict[int, str]) -> dict[str, list[Victim]]:
                 continue
             seen.add(pid)
             family.extend(children.get(pid, ()))
-            try:
-                proc = psutil.Process(pid)
-                if proc.uids().real != uid:
-                    continue
-                start = start_time(pid)
-                if start is None:
-                    continue
-                victim = Victim(pid, start, " ".join(proc.cmdline()) or proc.name())
-            except (psutil.Error, OSError):
-                continue
-            groups.setdefault(sid, []).append(victim)
+            if (start := starts.get(pid)) is not None and (victim := _victim(pid, start)) is not None:
+                groups.setdefault(sid, []).append(victim)
     return groups
 
 
@@ -314,15 +362,32 @@ def session_processes_of_root(root: Path) -> dict[str, list[Victim]]:
 def terminate(victims: list[Victim], grace: float) -> list[Reaped]:
     """End ``victims``: SIGINT, up to ``grace`` seconds for them to go, then
     SIGKILL, and wait (briefly) for the killed to be gone.  Returns each
-    victim with the signal that ended it.  The one loop that ends
-    processes: ``gc`` without a daemon calls it, the daemon too, from a
-    worker thread."""
-    _signal_all(victims, signal.SIGINT)
-    left = _wait_gone(victims, grace)
-    _signal_all(left, signal.SIGKILL)
-    _wait_gone(left, 5.0)
+    victim with the signal that ended it.  ``gc`` without a daemon calls
+    it; the daemon goes on from :func:`interrupt` to freezing and killing
+    what its session started meanwhile (see ``daemon.reaping``)."""
+    left = interrupt(victims, grace)
+    kill(left)
     killed = set(left)
     return [Reaped(v.pid, v.cmdline, "SIGKILL" if v in killed else "SIGINT") for v in victims]
+
+
+def interrupt(victims: list[Victim], grace: float) -> list[Victim]:
+    """SIGINT ``victims``; those still running after up to ``grace`` seconds."""
+    _signal_all(victims, signal.SIGINT)
+    return _wait_gone(victims, grace)
+
+
+def freeze(victims: list[Victim]) -> None:
+    """SIGSTOP ``victims``: a stopped process forks no more, so what a
+    session starts while it is being ended can be caught up with."""
+    _signal_all(victims, signal.SIGSTOP)
+
+
+def kill(victims: list[Victim], timeout: float = 5.0) -> list[Victim]:
+    """SIGKILL ``victims`` (stopped or not); those still there after up to
+    ``timeout`` seconds (stuck in the kernel, say)."""
+    _signal_all(victims, signal.SIGKILL)
+    return _wait_gone(victims, timeout)
 
 
 def _signal_all(victims: list[Victim], sig: signal.Signals) -> None:
@@ -336,10 +401,14 @@ def _signal_all(victims: list[Victim], sig: signal.Signals) -> None:
 
 
 def _wait_gone(victims: list[Victim], timeout: float) -> list[Victim]:
-    """Those of ``victims`` still alive after up to ``timeout`` seconds."""
+    """Those of ``victims`` still alive after up to ``timeout`` seconds;
+    polled less often as the wait grows (a thousand victims cost a read
+    each per poll)."""
     deadline = time.monotonic() + timeout
     left = [v for v in victims if is_alive(v.pid, v.start)]
+    delay = 0.002
     while left and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.05)
         left = [v for v in left if is_alive(v.pid, v.start)]
     return left

@@ -6,13 +6,20 @@ instead of queueing for a thousand: :class:`LeftoverScanner` batches the
 requests that arrive while a scan runs into the next one.  Scanning and
 ending run in worker threads (:mod:`tractor_session.procs` is synchronous),
 so the event loop keeps serving everyone else meanwhile.
+
+Ending is not one scan and one kill: a session's processes may start
+others while they are being ended (during the SIGINT grace, or between a
+scan and the kill), and those would outlive the session.
+:func:`end_processes` freezes and scans again until nothing of the session
+runs, then kills, and scans once more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
@@ -27,13 +34,72 @@ from tractor_session.rootdir import RootDir
 _REAPERS = trio.CapacityLimiter(512)
 
 
-async def reap(victims: list[Victim], grace: float) -> list[Reaped]:
-    """SIGINT ``victims``, then SIGKILL what remains after ``grace``."""
+# How many freeze-or-kill passes before a session's processes are declared
+# unkillable (forking faster than scans find them).
+MAX_PASSES = 50
+
+Finder = Callable[[], Awaitable[list[Victim]]]
+_Key = tuple[int, float]
+_R = TypeVar("_R")
+_Args = TypeVarTuple("_Args")
+
+
+async def _in_thread(fn: Callable[[Unpack[_Args]], _R], *args: *_Args) -> _R:
+    """``fn(*args)`` in a worker thread, each with its own (waits out a grace)."""
+    return await trio.to_thread.run_sync(fn, *args, limiter=_REAPERS, abandon_on_cancel=True)
+
+
+async def end_processes(find: Finder, grace: float) -> list[Reaped]:
+    """End every process ``find()`` reports, and what they start while
+    being ended; return once a scan finds none left.
+
+    SIGINT first, and up to ``grace`` seconds to go.  What still runs then,
+    and what was started meanwhile (a shell ignoring SIGINT keeps forking),
+    is frozen with SIGSTOP, scan after scan, until a scan finds nothing of
+    the session still running: a stopped process starts nothing, and its
+    children stay its children, found with it.  Then all of them are
+    SIGKILLed at once, and the next scan must find nothing.  Raises
+    ``RuntimeError`` when a process outlives SIGKILL or processes outlast
+    :data:`MAX_PASSES` passes, so that the caller keeps the session's port
+    and directory; never leaves a process stopped, cancelled or not."""
+    victims = await find()
     if not victims:
         return []
-    return await trio.to_thread.run_sync(
-        procs.terminate, victims, grace, limiter=_REAPERS, abandon_on_cancel=True
+    ended = {_key(v): Reaped(v.pid, v.cmdline, "SIGINT") for v in victims}
+    # Still running after the grace: also the orphans of those that went,
+    # which a scan no longer finds when they carry no envelope.
+    left = await _in_thread(procs.interrupt, victims, grace)
+    frozen: dict[_Key, Victim] = {}
+    try:
+        for _ in range(MAX_PASSES):
+            running = {_key(v): v for v in [*left, *await find()] if _key(v) not in frozen}
+            left = []
+            if running:
+                await _in_thread(procs.freeze, list(running.values()))
+                frozen.update(running)
+            elif frozen:
+                stuck = await _in_thread(procs.kill, list(frozen.values()))
+                ended.update((k, Reaped(v.pid, v.cmdline, "SIGKILL")) for k, v in frozen.items())
+                frozen.clear()
+                if stuck:
+                    # SIGKILLed and still there: in the kernel, where more passes do not reach.
+                    raise RuntimeError(
+                        f"{len(stuck)} processes of the session outlived SIGKILL (stuck in the kernel?): "
+                        + ", ".join(f"{v.pid} {v.cmdline[:40]!r}" for v in stuck[:5])
+                    )
+            else:
+                return list(ended.values())
+    finally:
+        if frozen:
+            procs.kill(list(frozen.values()), timeout=0)
+    raise RuntimeError(
+        f"processes of the session outlasted {MAX_PASSES} passes of SIGSTOP and SIGKILL"
+        " (forking faster than the scans find them); see `tractor-session ps`"
     )
+
+
+def _key(victim: Victim) -> _Key:
+    return victim.pid, victim.start
 
 
 class LeftoverScanner:
@@ -88,6 +154,16 @@ async def collect_garbage(
     findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live_names]
     if dry_run:
         return findings.items()
-    reaped = await reap(findings.victims(), reap_grace)
+    dead = set(findings.processes)
+
+    async def find() -> list[Victim]:
+        # What a dead session started meanwhile is found too, and reported with it.
+        found = await trio.to_thread.run_sync(procs.session_processes_of_root, Path(root.path))
+        for sid in dead & found.keys():
+            known = {_key(v) for v in findings.processes[sid]}
+            findings.processes[sid] += [v for v in found[sid] if _key(v) not in known]
+        return [v for sid in dead for v in found.get(sid, [])]
+
+    reaped = await end_processes(find, reap_grace) if dead else []
     removed = await trio.to_thread.run_sync(gc.remove, root, findings.bindspaces + findings.sockets)
     return findings.reaped_items(reaped) + removed

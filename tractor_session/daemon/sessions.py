@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import msgspec
 import trio
@@ -34,7 +36,7 @@ from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
-from tractor_session.procs import Target, is_alive, last_pid
+from tractor_session.procs import Target, Victim, is_alive
 from tractor_session.protocol import (
     Bound,
     GcItem,
@@ -75,8 +77,6 @@ class Sessions:
         self.scanner = reaping.LeftoverScanner()
         # Leases bound to a connection of this daemon; ended when it closes.
         self.connected: set[str] = set()
-        # lease id -> the host's last pid just before its envelope existed.
-        self.spawn_marks: dict[str, int] = {}
         # lease id -> why it ended, for the most recent ENDED_REMEMBERED.
         self.ended: dict[str, str] = {}
         self.readopted = 0
@@ -154,12 +154,9 @@ class Sessions:
         else:
             assert request.holder_pid is not None
             holder, holder_start = request.holder_pid, check_holder(request.holder_pid)
-        mark = last_pid()
         lease = self.table.create(request, holder if holder > 0 else None, holder_start)
         if by_connection:
             self.connected.add(lease.lease_id)
-        if mark is not None:
-            self.spawn_marks[lease.lease_id] = mark
         self._track(lease)
         self._announce()
         if traffic.isEnabledFor(logging.INFO):  # info() is work; grants are the hot path
@@ -180,7 +177,7 @@ class Sessions:
         # leased with --export): it and its ancestors are spared.
         reaped = await self.end_lease(
             lease, "released" if by_holder else f"released by {describe(peer.pid)}", released=True, spare=peer,
-            roots=frozenset([peer.pid]) if by_holder and lease.runner is not None and peer.pid > 0 else frozenset(),
+            roots={peer.pid: peer.start} if by_holder and lease.runner is not None and peer.pid > 0 else {},
         )
         self.connected.discard(lease.lease_id)
         return Released(lease.lease_id, reaped)
@@ -311,12 +308,12 @@ class Sessions:
         reason: str,
         released: bool = False,
         spare: Peer | None = None,
-        roots: frozenset[int] = frozenset(),
+        roots: Mapping[int, float | None] = MappingProxyType({}),
     ) -> list[Reaped]:
         """End a lease: end its child leases, reap what its session left
-        running (with the descendants of ``roots``, but not ``spare`` and
-        its ancestors), then free its directory and port.  Concurrent calls
-        wait for the first one."""
+        running (with the descendants of ``roots``, pids with their start
+        times, but not ``spare`` and its ancestors), then free its
+        directory and port.  Concurrent calls wait for the first one."""
         if lease.ended or self.stopping:
             return []
         if (done := self.ending.get(lease.lease_id)) is not None:
@@ -333,7 +330,7 @@ class Sessions:
                 async with trio.open_nursery() as nursery:
                     for child in children:
                         nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
-            if lease.record.reap and self._may_have_processes(lease):
+            if lease.record.reap:
                 reaped = await self._reap(lease, spare, roots)
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
@@ -343,7 +340,6 @@ class Sessions:
                 del self.ended[next(iter(self.ended))]
             self._untrack_holder(lease)
             self.expiries.discard(lease.lease_id)
-            self.spawn_marks.pop(lease.lease_id, None)
             self._announce()
         finally:
             del self.ending[lease.lease_id]
@@ -358,34 +354,36 @@ class Sessions:
         )
         return reaped
 
-    def _may_have_processes(self, lease: Lease) -> bool:
-        """False only when no process at all was created on the host since
-        the lease was granted: then none can carry its envelope, and the
-        scan of every process is skipped (the common clean release).  The
-        age bound keeps pid wrap-around out of the question."""
-        mark = self.spawn_marks.get(lease.lease_id)
-        if mark is None or time.time() - lease.record.created > 60:
-            return True
-        return last_pid() != mark
+    async def _reap(self, lease: Lease, spare: Peer | None, roots: Mapping[int, float | None]) -> list[Reaped]:
+        """End a session's processes, but ``spare`` and its ancestors, and
+        return only once none is left (see :func:`reaping.end_processes`).
 
-    async def _reap(self, lease: Lease, spare: Peer | None, roots: frozenset[int]) -> list[Reaped]:
-        """End a session's leftover processes, but ``spare`` and its
-        ancestors."""
+        Always a scan: a process that existed before the lease can join its
+        session by ``execve`` alone, with nothing cheaper to tell."""
         record = lease.record
+        roots = dict(roots)
         if lease.runner is not None and record.holder_pid and is_alive(record.holder_pid, record.holder_start):
             # The command of a ``lease -- CMD`` whose lease process died.
-            roots |= {record.holder_pid}
-        victims = await self.scanner.find(lease.lease_id, Target(roots, record.netns))
-        if lease.runner is not None:
-            # The ``lease`` process may share a private network with the
-            # session: it ends when CMD does, and must be there to say why.
-            victims = [v for v in victims if v.pid != lease.runner]
-        if victims and spare is not None:
-            # Looked up only now: walking the ancestry costs, and most
-            # sessions leave nothing to reap.
-            lineage = spare.lineage()
-            victims = [v for v in victims if v.pid not in lineage]
-        return await reaping.reap(victims, self.config.reap_grace)
+            roots[record.holder_pid] = record.holder_start
+        lineage: frozenset[int] | None = None
+
+        async def find() -> list[Victim]:
+            nonlocal lineage
+            # A root that has died is none: its pid may be another process's by now.
+            live = frozenset(pid for pid, start in roots.items() if is_alive(pid, start))
+            victims = await self.scanner.find(lease.lease_id, Target(live, record.netns))
+            if lease.runner is not None:
+                # The ``lease`` process may share a private network with the
+                # session: it ends when CMD does, and must be there to say why.
+                victims = [v for v in victims if v.pid != lease.runner]
+            if victims and spare is not None:
+                # Looked up only now: walking the ancestry costs, and most
+                # sessions leave nothing to reap.
+                lineage = spare.lineage() if lineage is None else lineage
+                victims = [v for v in victims if v.pid not in lineage]
+            return victims
+
+        return await reaping.end_processes(find, self.config.reap_grace)
 
     # -- garbage ----------------------------------------------------------
 
