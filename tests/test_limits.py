@@ -220,6 +220,51 @@ def test_lease_limit_gives_too_many_leases(runtime: Runtime, tmp_path: Path) -> 
     assert_served(runtime)
 
 
+@contextlib.contextmanager
+def squatted(pool: PortPool, kind: socket.SocketKind) -> Iterator[list[socket.socket]]:
+    """Every port of ``pool`` bound on 127.0.0.1 with ``kind``, as another
+    user can do without any privilege; unbound at the end."""
+    squatters: list[socket.socket] = []
+    try:
+        for port in range(pool.low, pool.high + 1):
+            sock = socket.socket(socket.AF_INET, kind)
+            squatters.append(sock)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as err:
+                pytest.skip(f"port {port} of the private pool is in use: {err}")
+        yield squatters
+    finally:
+        for sock in squatters:
+            sock.close()
+
+
+def test_a_pool_squatted_on_udp_still_grants_tcp_leases(runtime: Runtime, tmp_path: Path) -> None:
+    """UDP sockets on every port of the pool take nothing from a TCP registry."""
+    pool = private_pool(16)
+    with squatted(pool, socket.SOCK_DGRAM):
+        runtime.start_daemon("--port-pool", str(pool), log=tmp_path / "daemon.log")
+        granted = assert_served(runtime, "tcp")
+    assert granted.lease.port is not None and pool.low <= granted.lease.port <= pool.high
+
+
+def test_a_pool_squatted_on_tcp_refuses_tcp_leases_and_serves_the_rest(runtime: Runtime, tmp_path: Path) -> None:
+    """What the README says a squatted pool does: a tcp lease is refused
+    with ``no-free-port`` and what to do; uds leases and every other
+    request are served; a port the squatter lets go is handed out."""
+    pool = private_pool(16)
+    runtime.start_daemon("--port-pool", str(pool), log=tmp_path / "daemon.log")
+    with runtime.connect() as conn, squatted(pool, socket.SOCK_STREAM) as squatters:
+        for _ in range(3):
+            err = client_error(lambda: conn.lease("tcp"))
+            assert err.code == "no-free-port" and f"no free port in {pool}" in str(err), err
+            assert "--tpt-proto uds" in str(err), err
+        assert_served(runtime, "uds")
+        assert runtime.bindspaces() == []
+        squatters.pop(5).close()
+        assert conn.lease("tcp").lease.port == pool.low + 5
+
+
 # -- resource exhaustion ------------------------------------------------------------
 
 

@@ -219,7 +219,7 @@ class Server:
         sessions = self.sessions
         match request:
             case LeaseRequest():
-                lease = sessions.grant(request, peer)
+                lease = await sessions.grant(request, peer)
                 if request.holder_pid is None:
                     held.append(lease)
                 return Granted(lease.info(), lease.record.env)

@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 
 from tractor_session import envelope
-from tractor_session.daemon.ports import PortPool, PortPoolError
+from tractor_session.daemon.ports import PortPool
 from tractor_session.paths import SHORT_NAME_LEN, root_too_long, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
 from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
@@ -123,11 +123,14 @@ class LeaseTable:
         req: LeaseRequest,
         holder_pid: int | None,
         holder_start: float | None,
+        port: int | None,
     ) -> Lease:
-        """Create a session: directory, port, record and envelope.
+        """Create a session: directory, record and envelope, with ``port``
+        (taken from the pool by the caller, see :meth:`PortPool.take`, who
+        gives it back if this fails).
 
-        On any failure nothing is left behind: the directory is removed and
-        the port given back before the error propagates.
+        On any failure nothing is left behind: the directory is removed
+        before the error propagates.
         """
         if req.parent is not None and req.parent not in self.leases:
             raise LeaseError("unknown-lease", f"parent lease {req.parent[:80]!r} is not live")
@@ -135,18 +138,12 @@ class LeaseTable:
             lease_id, bindspace = self._new_bindspace()
         except OSError as err:
             raise LeaseError("os-error", explain_os_error(err, self.root)) from None
-        port: int | None = None
         try:
             # No checks needed: the parent is ours alone, made just now.
             tractor_dir = f"{bindspace}/tractor"
             os.mkdir(tractor_dir, 0o700)
             if (too_long := root_too_long(self._root)) is not None:
                 raise LeaseError("path-too-long", too_long)
-            if req.transport == "tcp" and req.net == "host":
-                try:
-                    port = self.ports.take()
-                except PortPoolError as err:
-                    raise LeaseError("no-free-port", str(err)) from None
             now = time.time()
             record = LeaseRecord(
                 lease_id=lease_id,
@@ -168,8 +165,6 @@ class LeaseTable:
             )
             create_record(record)
         except BaseException as err:
-            if port is not None:
-                self.ports.give_back(port)
             remove_bindspace(self._root, bindspace)
             if isinstance(err, OSError):
                 raise LeaseError("os-error", explain_os_error(err, self.root)) from None
