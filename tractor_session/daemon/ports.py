@@ -129,8 +129,9 @@ class PortPool:
         """Mark a port held by a lease recovered from disk."""
         self.held.add(port)
 
-    def give_back(self, port: int) -> None:
-        self.held.discard(port)
+    def give_back(self, port: int | None) -> None:
+        if port is not None:
+            self.held.discard(port)
 
 
 def _binds(family: socket.AddressFamily, port: int) -> bool:

@@ -30,7 +30,7 @@ from tractor_session.daemon import reaping
 from tractor_session.daemon.config import Config
 from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, check_holder, describe
 from tractor_session.daemon.lifetime import Lifetime
-from tractor_session.daemon.ports import PortPool, PortPoolError
+from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
@@ -130,24 +130,13 @@ class Sessions:
             raise
 
     async def grant(self, request: LeaseRequest, peer: Peer) -> Lease:
-        """The port search may take a while (a squatted pool) and runs in a
-        thread: it comes first, and the rest of the grant is checked and
-        done with no await in between."""
-        port = await self._take_port(request)
+        # The port search (in a thread, see PortPool.take), then the rest with no await between.
+        port = await self.table.take_port(request)
         try:
             return self._grant(request, peer, port)
         except BaseException:
-            if port is not None:
-                self.table.ports.give_back(port)
+            self.table.ports.give_back(port)
             raise
-
-    async def _take_port(self, request: LeaseRequest) -> int | None:
-        if request.transport != "tcp" or request.net != "host":
-            return None
-        try:
-            return await self.table.ports.take()
-        except PortPoolError as err:
-            raise LeaseError("no-free-port", str(err)) from None
 
     def _grant(self, request: LeaseRequest, peer: Peer, port: int | None) -> Lease:
         if len(self.table) >= self.config.max_leases:

@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 
 from tractor_session import envelope
-from tractor_session.daemon.ports import PortPool
+from tractor_session.daemon.ports import PortPool, PortPoolError
 from tractor_session.paths import SHORT_NAME_LEN, root_too_long, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
 from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
@@ -118,6 +118,16 @@ class LeaseTable:
             f"{', ...' if len(names) > 10 else ''}; give more of the id",
         )
 
+    async def take_port(self, req: LeaseRequest) -> int | None:
+        """A registry port for ``req``, if it needs one (a search that may
+        take a while, in a thread: see :meth:`PortPool.take`)."""
+        if req.transport != "tcp" or req.net != "host":
+            return None
+        try:
+            return await self.ports.take()
+        except PortPoolError as err:
+            raise LeaseError("no-free-port", str(err)) from None
+
     def create(
         self,
         req: LeaseRequest,
@@ -126,8 +136,7 @@ class LeaseTable:
         port: int | None,
     ) -> Lease:
         """Create a session: directory, record and envelope, with ``port``
-        (taken from the pool by the caller, see :meth:`PortPool.take`, who
-        gives it back if this fails).
+        (from :meth:`take_port`; the caller gives it back if this fails).
 
         On any failure nothing is left behind: the directory is removed
         before the error propagates.
