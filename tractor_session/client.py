@@ -322,9 +322,12 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
         paths.check_private_dir(control)
     if (conn := try_connect(sock_path)) is not None:
         return conn
-    if not autostart:
-        raise ClientError("no-daemon", f"no tractor-session daemon runs at {sock_path}")
     from tractor_session import autostart as on_demand
 
-    return on_demand.start_daemon(sock_path, env)
+    if autostart:
+        return on_demand.start_daemon(sock_path, env)
+    root = paths.runtime_root(env)
+    if (conn := on_demand.reach_headless_daemon(root, sock_path, on_demand.DAEMON_START_TIMEOUT)) is not None:
+        return conn
+    raise ClientError("no-daemon", f"no tractor-session daemon runs at {sock_path}")
 

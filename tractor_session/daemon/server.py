@@ -28,6 +28,7 @@ import trio
 import tractor_session
 from tractor_session import protocol, wire
 from tractor_session.daemon.config import Config
+from tractor_session.daemon.control import ControlSocket
 from tractor_session.daemon.holders import Peer, describe
 from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.sessions import Sessions
@@ -116,8 +117,11 @@ class Server:
         """No live lease, and no connection open but ``own`` of them."""
         return self.connections <= own and not self.sessions.table
 
-    async def serve(self, listener: trio.SocketListener) -> None:
-        await trio.serve_listeners(self._serve_connection, [listener])
+    async def serve(self, control: ControlSocket) -> None:
+        """Serve every connection until cancelled.  They run in a nursery of
+        their own: binding the control socket again leaves them alone."""
+        async with trio.open_nursery() as connections:
+            await control.serve(self._serve_connection, connections)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         held: list[Lease] = []
