@@ -15,10 +15,11 @@ them, are not touched.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -27,7 +28,15 @@ from tractor_session.autostart import REBIND_SIGNAL
 
 log = logging.getLogger("tractor_session.daemon")
 
-Handler = Callable[[trio.SocketStream], Awaitable[None]]
+BACKLOG = 256
+"""How many connections may wait for the daemon to accept them.  A flood
+(another user's, say) keeps the queue full; a client then waits for room
+(:func:`tractor_session.client.open_socket`) and, once in, behind this
+many at most, not the kernel's maximum (4096: seconds, in a flood)."""
+OnAccept = Callable[[trio.SocketStream], None]
+# Out of file descriptors or memory: wait, then accept again (as trio's
+# serve_listeners does).
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 def bind_control_socket(path: Path) -> socket.socket:
@@ -43,7 +52,7 @@ def bind_control_socket(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old_umask)
-    sock.listen(socket.SOMAXCONN)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -70,14 +79,15 @@ class ControlSocket:
         """Whether the file at ``path`` is still the socket we listen on."""
         return self._identity is not None and _identity(self.path) == self._identity
 
-    async def serve(self, handler: Handler, connections: trio.Nursery) -> None:
-        """Accept connections, each served by ``handler`` in ``connections``,
-        until cancelled; on :data:`REBIND_SIGNAL`, bind again if need be."""
+    async def serve(self, on_accept: OnAccept) -> None:
+        """Accept connections, each handed to ``on_accept`` (which must not
+        block), until cancelled; on :data:`REBIND_SIGNAL`, bind again if
+        need be."""
         with trio.open_signal_receiver(REBIND_SIGNAL) as signals:
             while True:
                 listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
                 async with trio.open_nursery() as accepting:
-                    accepting.start_soon(self._accept, handler, listener, connections)
+                    accepting.start_soon(self._accept, listener, on_accept)
                     async for _ in signals:
                         if self._rebind():
                             break
@@ -86,8 +96,18 @@ class ControlSocket:
                     accepting.cancel_scope.cancel()
 
     @staticmethod
-    async def _accept(handler: Handler, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        await trio.serve_listeners(handler, [listener], handler_nursery=connections)
+    async def _accept(listener: trio.SocketListener, on_accept: OnAccept) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as err:
+                    if err.errno not in _CAPACITY_ERRNOS:
+                        raise
+                    log.error("cannot accept a connection (%s); retrying in 0.1 s", err.strerror)
+                    await trio.sleep(0.1)
+                else:
+                    on_accept(stream)
 
     def _rebind(self) -> bool:
         """Bind a new socket at ``path`` unless the file there is ours;
