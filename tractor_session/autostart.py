@@ -154,11 +154,11 @@ def _lock_holder(root: str) -> int | None:
 def _is_serving(pid: int) -> bool:
     """Whether ``pid`` runs ``serve``: the lock's file may still name the
     daemon before the one that just took the lock, a pid since reused."""
+    if not os.path.isdir("/proc/self"):
+        return True  # no /proc (macOS): trust the lock
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"\0serve\0" in b"\0" + f.read()
-    except FileNotFoundError:
-        return os.path.isdir("/proc/self") is False  # no /proc (macOS): trust the lock
     except OSError:
         return False
 
