@@ -227,9 +227,10 @@ def test_a_client_refused_as_busy_retries_within_its_deadline(runtime: Runtime, 
         out, err = status.communicate(timeout=DEADLINE)
         assert status.returncode == 0, err
         assert len(json.loads(out)) == limit - 1
-        # Still full: a raw connection is told so at once.
+        # Still full: a raw connection is told so at once, asked nothing.
         stack.enter_context(runtime.connect()).lease("uds")
-        replies = exchange(runtime, HELLO)
+        with raw_connect(runtime.socket) as refused:
+            replies = split_frames(read_to_eof(refused))
         assert [(r.code, "none idle" in r.message) for r in replies if isinstance(r, Error)] == [("busy", True)], replies
 
 
