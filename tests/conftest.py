@@ -33,7 +33,7 @@ import pytest
 
 from tractor_session import paths
 from tractor_session.protocol import Hello, Welcome, decode_reply, frame
-from tractor_session.records import RECORD_NAME
+from tractor_session.records import BINDSPACE_NAME_RE, RECORD_NAME
 from tractor_session.wire import HEADER, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -56,6 +56,12 @@ BLOCK = "import sys; sys.stdin.read()"
 # Python code for a process that lives until it is signalled; SIGINT ends it
 # (KeyboardInterrupt).
 SLEEP = "import time; time.sleep(1000)"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chaos", "the chaos test (tests/test_chaos.py)")
+    group.addoption("--chaos-seconds", type=float, default=8.0, help="how long it runs (default: 8)")
+    group.addoption("--chaos-seed", type=int, default=None, help="replay a run (its seed is in every failure)")
 
 
 def needs_root(why: str) -> pytest.MarkDecorator:
@@ -206,7 +212,7 @@ class Runtime:
     def bindspaces(self) -> list[Path]:
         if not self.root.exists():
             return []
-        return sorted(p for p in self.root.iterdir() if len(p.name) == 12)
+        return sorted(p for p in self.root.iterdir() if BINDSPACE_NAME_RE.fullmatch(p.name))
 
     def cli(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **kw: object,

@@ -1,7 +1,10 @@
 """The daemon goes and comes back: leases outlive a SIGKILLed or cleanly
 stopped daemon and are re-adopted by the next one (a ttl keeps running, a
 reused holder pid is not taken for the holder, a lease whose holder died
-meanwhile is ended, a reap cut short is finished); exactly one daemon
+meanwhile is ended, a reap cut short is finished, a ``lease -- CMD``
+still ends with its ``lease`` process); records are hostile input (one
+that cannot be read is skipped, one that cannot be true is quarantined,
+and neither keeps a daemon from serving the rest); exactly one daemon
 serves a root, whether two start at once, a second is started by hand, or
 fifty clients start one on demand; ``status`` never starts one.
 
@@ -16,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -27,12 +33,15 @@ from conftest import (
     BLOCK,
     CLI,
     DEADLINE,
+    IS_ROOT,
     QUICK_REAP,
     RECLAIM,
     SLEEP,
+    PortPool,
     Runtime,
     daemon_processes,
     daemon_status,
+    dead_pid,
     export_lease,
     kill_tree,
     lease_env,
@@ -45,8 +54,10 @@ from conftest import (
     wait_for,
 )
 
+from tractor_session import paths
 from tractor_session.client import ClientError
-from tractor_session.records import RECORD_NAME
+from tractor_session.records import QUARANTINED_NAME, RECORD_NAME
+from tractor_session.run import SESSION_ENDED
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and pidfds")
 
@@ -88,11 +99,8 @@ def test_reused_pid_does_not_keep_lease_alive(runtime: Runtime) -> None:
     bindspace = Path(reused["bindspace"])
     record = read_record(bindspace)
     assert record is not None and record["holder_pid"] == stranger.pid
-    record["holder_start"] -= 1000.0   # whatever its unit, no longer this process's
-    tmp = bindspace / (RECORD_NAME + ".test.tmp")
-    tmp.write_text(json.dumps(record))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, bindspace / RECORD_NAME)
+    # Whatever its unit, no longer this process's.
+    plant_record(bindspace, {**record, "holder_start": record["holder_start"] - 1000.0})
 
     runtime.start_daemon(*QUICK_REAP)
     # The matching holder's lease is re-adopted (recovery runs before the
@@ -176,6 +184,226 @@ def test_lease_cmd_survives_daemon_sigkill(runtime: Runtime) -> None:
     assert cli.wait(timeout=DEADLINE) == 0
     wait_for(lambda: not bindspace.exists(), RECLAIM, "the lease to end with its command")
     assert lease_id not in live_leases(runtime)
+
+
+@pytest.mark.parametrize("when", ["after the restart", "while no daemon runs"])
+def test_sigkilled_lease_process_ends_its_readopted_session(runtime: Runtime, when: str) -> None:
+    """A re-adopted ``lease -- CMD`` ends on the events that ended it
+    before the restart: its ``lease`` process SIGKILLed ends the session
+    and CMD with it, whether that happens before or after the next daemon
+    starts."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    cli, cmd, bindspace, lease_id = start_lease_cmd(runtime, cmd=[sys.executable, "-c", SLEEP])
+    daemon.kill()
+    daemon.wait()
+    if when == "while no daemon runs":
+        cli.kill()
+        cli.wait()
+    runtime.start_daemon(*QUICK_REAP)
+    if when == "after the restart":
+        assert lease_id in live_leases(runtime)
+        cli.kill()
+        cli.wait()
+    wait_for(lambda: not pid_alive(cmd.pid), RECLAIM, "the session's command to be reaped")
+    wait_for(lambda: not bindspace.exists(), RECLAIM, "the session to end with its lease process")
+    assert lease_id not in live_leases(runtime)
+
+
+def test_readopted_lease_cmd_exits_with_its_commands_status(runtime: Runtime) -> None:
+    """After a restart, CMD's end still ends the session through ``lease``'s
+    release, and ``lease`` exits with CMD's status, not "session ended"."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    cli, _, bindspace, lease_id = start_lease_cmd(
+        runtime, cmd=[sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(7)"],
+    )
+    daemon.kill()
+    daemon.wait()
+    runtime.start_daemon(*QUICK_REAP)
+    assert lease_id in live_leases(runtime)
+    assert cli.stdin is not None
+    cli.stdin.close()
+    assert cli.wait(timeout=DEADLINE) == 7
+    assert not bindspace.exists()
+    assert lease_id not in live_leases(runtime)
+
+
+def test_readopted_private_session_released_elsewhere_lets_lease_say_why(runtime: Runtime) -> None:
+    """After a restart too, the ``lease`` process sharing its session's
+    private network is not the session's to reap: released by another
+    client, the session ends, and ``lease`` lives to say so and exit 124."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    cli, cmd, bindspace, lease_id = start_lease_cmd(runtime, "--net", "private", cmd=[sys.executable, "-c", BLOCK])
+    daemon.kill()
+    daemon.wait()
+    runtime.start_daemon(*QUICK_REAP)
+    assert runtime.cli("release", lease_id, timeout=DEADLINE).returncode == 0
+    assert cli.wait(timeout=DEADLINE) == SESSION_ENDED
+    assert not pid_alive(cmd.pid) and not bindspace.exists()
+
+
+# -- records are hostile input ----------------------------------------------------------
+
+
+def plant_record(bindspace: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as ``bindspace``'s lease record (atomically, as the
+    daemon does), creating the directory if need be."""
+    bindspace.mkdir(mode=0o700, exist_ok=True)
+    tmp = bindspace / (RECORD_NAME + ".test.tmp")
+    tmp.write_text(json.dumps(record))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, bindspace / RECORD_NAME)
+
+
+def fresh_ids(runtime: Runtime, n: int) -> list[str]:
+    """``n`` lease ids whose bindspace names are free in the root (names
+    are short: they collide)."""
+    ids: dict[str, str] = {}
+    while len(ids) < n:
+        lease_id = str(uuid.uuid4())
+        if not (runtime.root / (name := paths.bindspace_name(lease_id))).exists():
+            ids.setdefault(name, lease_id)
+    return list(ids.values())
+
+
+def forge(runtime: Runtime, record: dict[str, Any], lease_id: str | None = None, **changes: Any) -> Path:
+    """A bindspace of a lease no daemon granted: ``record`` copied under a
+    new id, with ``changes``."""
+    lease_id = lease_id or fresh_ids(runtime, 1)[0]
+    bindspace = runtime.root / paths.bindspace_name(lease_id)
+    bindspace.mkdir(mode=0o700)   # never over another's
+    plant_record(bindspace, {**record, "lease_id": lease_id, "bindspace": str(bindspace), **changes})
+    return bindspace
+
+
+@pytest.mark.parametrize("how", [
+    "a socket in the record's place",   # no one can open it, root neither
+    pytest.param("chmod 000", marks=pytest.mark.skipif(IS_ROOT, reason="chmod does not stop root")),
+])
+def test_an_unreadable_bindspace_costs_one_entry(runtime: Runtime, how: str) -> None:
+    """A bindspace whose record cannot be read keeps no daemon from
+    starting: the next one skips it (and leaves it alone: it cannot tell
+    whether its lease lives), re-adopts the others, serves, and its gc
+    removes what is stale beside it."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    kept = export_lease(runtime, holder.pid)
+    unreadable = Path(export_lease(runtime, holder.pid)["bindspace"])
+    daemon.kill()
+    daemon.wait()
+    template = read_record(Path(kept["bindspace"]))
+    assert template is not None
+    stale = forge(runtime, template, transport="uds", port=None, holder_pid=dead_pid()[0])
+    if how == "chmod 000":
+        unreadable.chmod(0)
+    else:
+        (unreadable / RECORD_NAME).unlink()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(unreadable / RECORD_NAME))
+    try:
+        runtime.start_daemon(*QUICK_REAP)
+        assert set(live_leases(runtime)) == {kept["lease_id"]}
+        res = runtime.cli("lease", "--", "true", timeout=DEADLINE)
+        assert res.returncode == 0, res.stderr
+        res = runtime.cli("gc", "--grace", "0", "--json", timeout=DEADLINE)
+        assert res.returncode == 0, res.stderr
+        assert not stale.exists()
+        assert unreadable.is_dir()
+    finally:
+        unreadable.chmod(0o700)
+
+
+def test_impossible_records_are_quarantined_not_adopted(runtime: Runtime) -> None:
+    """A tcp lease without a port, a lease that is its own parent, two that
+    are each other's: each is set aside (renamed, where gc and people see
+    it), never adopted; everyone else is served, and nothing hangs."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    sound = export_lease(runtime, holder.pid)
+    portless = export_lease(runtime, holder.pid)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=DEADLINE) == 0
+
+    template = read_record(Path(sound["bindspace"]))
+    assert template is not None
+    plant_record(Path(portless["bindspace"]), {**template, **read_record(Path(portless["bindspace"])), "port": None})
+    uds = {"transport": "uds", "port": None}
+    own_id, a_id, b_id, below_id = fresh_ids(runtime, 4)
+    bad = [
+        Path(portless["bindspace"]),
+        forge(runtime, template, own_id, parent=own_id, **uds),
+        forge(runtime, template, a_id, parent=b_id, **uds),
+        forge(runtime, template, b_id, parent=a_id, **uds),
+    ]
+    below_the_cycle = forge(runtime, template, below_id, parent=a_id, **uds)
+
+    runtime.start_daemon(*QUICK_REAP)
+    assert set(live_leases(runtime)) == {sound["lease_id"]}
+    assert [lease["lease_id"] for lease in status_json(runtime)] == [sound["lease_id"]]
+    for bindspace in bad:
+        assert (bindspace / QUARANTINED_NAME).is_file() and not (bindspace / RECORD_NAME).exists(), bindspace
+    # The lease whose parent was set aside ends as if its parent had.
+    wait_for(lambda: not below_the_cycle.exists(), RECLAIM, "the orphaned child lease to end")
+    res = runtime.cli("release", sound["lease_id"], timeout=DEADLINE)
+    assert res.returncode == 0, res.stderr
+    # gc judges a quarantined bindspace as one without a record: by its age.
+    res = runtime.cli("gc", "--grace", "0", "--json", timeout=DEADLINE)
+    assert res.returncode == 0, res.stderr
+    removed = {item["path"]: item["reason"] for item in json.loads(res.stdout)}
+    assert set(removed) >= {str(b) for b in bad}
+    assert all("quarantined" in removed[str(b)] for b in bad)
+    assert runtime.bindspaces() == []
+
+
+def test_a_forged_claim_on_a_live_leases_port_is_quarantined(runtime: Runtime, pool: PortPool) -> None:
+    """Two records naming one port: the live lease keeps it, the forgery is
+    set aside, and the port is never handed out while the lease lives."""
+    two_ports = ("--port-pool", f"{pool.low}-{pool.low + 1}", *QUICK_REAP)
+    daemon = runtime.start_daemon(*two_ports)
+    holder = runtime.holder()
+    real = export_lease(runtime, holder.pid)
+    assert real["port"] == pool.low
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=DEADLINE) == 0
+    record = read_record(Path(real["bindspace"]))
+    assert record is not None
+    gone, _ = dead_pid()
+    forged = forge(runtime, record, holder_pid=gone, created=record["created"] + 1)
+
+    runtime.start_daemon(*two_ports)
+    wait_for(lambda: not (forged / RECORD_NAME).exists(), RECLAIM, "the forged record to be dealt with")
+    assert set(live_leases(runtime)) == {real["lease_id"]}
+    with runtime.connect() as conn:
+        assert conn.lease(holder_pid=holder.pid).lease.port == pool.low + 1
+        with pytest.raises(ClientError) as full:
+            conn.lease(holder_pid=holder.pid)
+    assert full.value.code == "no-free-port"
+    assert (forged / QUARANTINED_NAME).is_file()
+
+
+def test_a_bindspace_named_by_an_earlier_version_is_re_adopted_and_removed(runtime: Runtime) -> None:
+    """Versions before the path budget was widened named bindspaces by 12
+    hex digits.  A daemon of this version, started over such a lease,
+    re-adopts it, serves it by id and removes it at its end."""
+    daemon = runtime.start_daemon(*QUICK_REAP)
+    holder = runtime.holder()
+    lease = export_lease(runtime, holder.pid)
+    daemon.kill()
+    daemon.wait()
+    # Lay it out as an earlier daemon would have.
+    current = Path(lease["bindspace"])
+    legacy = current.with_name(lease["lease_id"].replace("-", "")[:12])
+    os.rename(current, legacy)
+    record = read_record(legacy)
+    assert record is not None
+    record["bindspace"] = str(legacy)
+    (legacy / RECORD_NAME).write_text(json.dumps(record))
+
+    runtime.start_daemon(*QUICK_REAP)
+    assert live_leases(runtime)[lease["lease_id"]].bindspace == str(legacy)
+    released = runtime.cli("release", lease["lease_id"][:8])
+    assert released.returncode == 0, released.stderr
+    wait_for(lambda: not legacy.exists(), RECLAIM, "the legacy bindspace to be removed")
+    assert live_leases(runtime) == {} and pid_alive(holder.pid)
 
 
 # -- a clean stop -----------------------------------------------------------------------

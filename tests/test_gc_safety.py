@@ -21,6 +21,7 @@ started after everything the test built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,11 +49,12 @@ from conftest import (
     lease_env,
     live_leases,
     pid_alive,
+    start_lease_cmd,
     stop,
     wait_for,
 )
 
-from tractor_session import client
+from tractor_session import client, paths, procs
 from tractor_session.envelope import RuntimeVars, dump_rtvars, load_rtvars
 from tractor_session.records import RECORD_NAME, LeaseRecord, write_record
 
@@ -94,13 +96,14 @@ def age(path: Path, seconds: float) -> Path:
     return path
 
 
-def hex12() -> str:
-    return uuid.uuid4().hex[:12]
+def new_name() -> str:
+    """A name for a bindspace, as a daemon of this version gives one."""
+    return paths.bindspace_name(str(uuid.uuid4()))
 
 
 def stale_dir(rt: Runtime, name: str | None = None, seconds: float = STALE) -> Path:
     """A record-less directory named like a bindspace, ``seconds`` old."""
-    staged = stage(rt) / (name or hex12())
+    staged = stage(rt) / (name or new_name())
     staged.mkdir(mode=0o700)
     path = ensure_root(rt) / staged.name
     os.rename(staged, path)
@@ -137,6 +140,25 @@ def listen(runtime: Runtime):
         sock.close()
 
 
+def recorded(
+    rt: Runtime, holder_pid: int, holder_start: float | None, expires: float | None = None,
+    *, lease_id: str | None = None, legacy: bool = False,
+) -> tuple[Path, str]:
+    """A bindspace with a lease record, as a daemon leaves it on disk: named
+    as this version names it or, with ``legacy``, as earlier ones did.
+    Built in place: until its record is written, a fresh directory is
+    spared by the (default) grace, as a lease being granted is."""
+    lease_id = lease_id or str(uuid.uuid4())
+    bindspace = rt.root / paths.bindspace_names(lease_id)[1 if legacy else 0]
+    bindspace.mkdir(mode=0o700)
+    (bindspace / "tractor").mkdir(mode=0o700)
+    write_record(LeaseRecord(
+        lease_id=lease_id, bindspace=str(bindspace), transport="uds", port=None, env={},
+        created=time.time(), holder_pid=holder_pid, holder_start=holder_start, expires=expires,
+    ))
+    return bindspace, lease_id
+
+
 def envelope_env(rt: Runtime, bindspace: str) -> tuple[str, dict[str, str]]:
     """A fresh session id and an environment carrying its envelope, with
     ``bindspace`` as the session's directory."""
@@ -149,7 +171,7 @@ def dead_session_env(rt: Runtime) -> dict[str, str]:
     """An envelope naming a session of this root that no lease holds."""
     sid = str(uuid.uuid4())
     name, value = dump_rtvars(
-        RuntimeVars(_session_uuid=sid, _bindspace=str(rt.root / sid.replace("-", "")[:12]))
+        RuntimeVars(_session_uuid=sid, _bindspace=str(rt.root / paths.bindspace_name(sid)))
     )
     return {**rt.env, name: value}
 
@@ -273,7 +295,7 @@ def test_recordless_bindspace_age_rule(runtime: Runtime, mode: str, grace: float
     young = stale_dir(runtime, seconds=100)
     fresh = stale_dir(runtime, seconds=0)
     # An unreadable record counts as none.
-    staged = stage(runtime) / hex12()
+    staged = stage(runtime) / new_name()
     staged.mkdir(mode=0o700)
     (staged / RECORD_NAME).write_bytes(b"{not json")
     broken = runtime.root / staged.name
@@ -289,31 +311,22 @@ def test_recordless_bindspace_age_rule(runtime: Runtime, mode: str, grace: float
             assert not path.exists(), f"{path.name} is older than a grace of 0"
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["named-now", "named-by-earlier-versions"])
 @pytest.mark.parametrize("mode", MODES)
-def test_bindspace_of_dead_holder_or_expired_lease_is_removed(runtime: Runtime, mode: str) -> None:
+def test_bindspace_of_dead_holder_or_expired_lease_is_removed(runtime: Runtime, mode: str, legacy: bool) -> None:
     """A record naming a dead holder (or past its expiry) makes a bindspace
     garbage at once, whatever its age: checked with the default grace and
     fresh directories, so only the record can condemn them.  The session's
-    leftover process goes with it."""
+    leftover process goes with it.  Bindspaces named by earlier versions (12
+    hex digits) are collected alike."""
     gc = Gc(runtime, mode)  # default grace: 300 s
     holder, holder_start = dead_pid()
     live_holder = sleeper(runtime)
-
-    def recorded(holder_pid: int, holder_start: float | None, expires: float | None = None) -> tuple[Path, str]:
-        # Built in place: until its record is written, a fresh directory is
-        # spared by the (default) grace, as a lease being granted is.
-        lease_id = str(uuid.uuid4())
-        bindspace = runtime.root / lease_id.replace("-", "")[:12]
-        bindspace.mkdir(mode=0o700)
-        (bindspace / "tractor").mkdir(mode=0o700)
-        write_record(LeaseRecord(
-            lease_id=lease_id, bindspace=str(bindspace), transport="uds", port=None, env={},
-            created=time.time(), holder_pid=holder_pid, holder_start=holder_start, expires=expires,
-        ))
-        return bindspace, lease_id
-
-    dead, dead_id = recorded(holder, holder_start)
-    expired, _ = recorded(live_holder.pid, psutil.Process(live_holder.pid).create_time(), expires=time.time() - 1)
+    dead, dead_id = recorded(runtime, holder, holder_start, legacy=legacy)
+    expired, _ = recorded(
+        runtime, live_holder.pid, psutil.Process(live_holder.pid).create_time(), expires=time.time() - 1,
+        legacy=legacy,
+    )
     name, value = dump_rtvars(RuntimeVars(_session_uuid=dead_id, _bindspace=str(dead)))
     leftover = sleeper(runtime, env={**runtime.env, name: value})
 
@@ -322,6 +335,27 @@ def test_bindspace_of_dead_holder_or_expired_lease_is_removed(runtime: Runtime, 
     assert not dead.exists(), "its recorded holder is dead"
     assert not expired.exists(), "its lease expired"
     wait_for(lambda: not pid_alive(leftover.pid), what="the dead session's process to be reaped")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reused_bindspace_name_neither_spares_a_dead_session_nor_condemns_a_live_one(
+    runtime: Runtime, mode: str,
+) -> None:
+    """Bindspace names are 4 hex digits, and come back once their session
+    is gone.  A process left by an old session whose name now belongs to a
+    live lease is still reaped, and the live lease stays."""
+    gc = Gc(runtime, mode)
+    holder = sleeper(runtime)
+    live, live_id = recorded(runtime, holder.pid, procs.start_time(holder.pid))
+    old_id = live_id[:4] + str(uuid.uuid4())[4:]
+    assert old_id != live_id and paths.bindspace_name(old_id) == live.name
+    name, value = dump_rtvars(RuntimeVars(_session_uuid=old_id, _bindspace=str(live)))
+    leftover = sleeper(runtime, env={**runtime.env, name: value})
+
+    gc.run()
+
+    wait_for(lambda: not pid_alive(leftover.pid), what="the old session's process to be reaped")
+    assert (live / RECORD_NAME).is_file() and pid_alive(holder.pid)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -398,6 +432,28 @@ def test_gc_while_no_daemon_runs_spares_live_sessions(runtime: Runtime) -> None:
 # -- 2. sockets in the shared default bindspace ------------------------------------
 
 
+def test_gc_while_no_daemon_runs_ends_a_lease_cmd_whose_lease_process_died(runtime: Runtime) -> None:
+    """What ends ``lease -- CMD`` with a daemon ends it without one: its
+    ``lease`` process SIGKILLed, gc removes the session and reaps CMD,
+    though CMD, the lease's recorded holder, still runs."""
+    daemon = runtime.start_daemon()
+    cli, cmd, bindspace, _ = start_lease_cmd(runtime, cmd=["sleep", "300"])
+    try:
+        daemon.kill()
+        daemon.wait()
+        cli.kill()
+        cli.wait()
+        assert pid_alive(cmd.pid)
+
+        result = runtime.cli("gc")
+        assert result.returncode == 0, result.stderr
+        assert not bindspace.exists()
+        wait_for(lambda: not pid_alive(cmd.pid), what="the command of the dead lease process to be reaped")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            cmd.kill()   # re-parented away from the CLI: no teardown finds it
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sockets_in_the_root(runtime: Runtime, mode: str, listen) -> None:
     gc = Gc(runtime, mode, grace=0)
@@ -436,12 +492,12 @@ def test_processes_of_dead_sessions_are_reaped(runtime: Runtime, mode: str) -> N
     # Sessions of other roots are another daemon's business, including a
     # root whose path merely starts with ours.
     other_root = runtime.base / "other" / "tractor"
-    _, foreign_env = envelope_env(runtime, str(other_root / hex12()))
+    _, foreign_env = envelope_env(runtime, str(other_root / new_name()))
     foreign = sleeper(runtime, env=foreign_env)
-    _, prefix_env = envelope_env(runtime, f"{runtime.root}x/{hex12()}")
+    _, prefix_env = envelope_env(runtime, f"{runtime.root}x/{new_name()}")
     prefixed = sleeper(runtime, env=prefix_env)
     # ... and one whose path is shorter than our root's.
-    _, shallow_env = envelope_env(runtime, str(runtime.base / hex12()))
+    _, shallow_env = envelope_env(runtime, str(runtime.base / new_name()))
     shallow = sleeper(runtime, env=shallow_env)
     # An envelope that does not parse names no session.
     garbled = sleeper(runtime, env={**runtime.env, "_TRACTOR_RT_VARS": "{'_session_uuid': oops"})
@@ -474,10 +530,10 @@ def test_safety(runtime: Runtime, mode: str) -> None:
     root = runtime.root
 
     # A symlink named like a bindspace, pointing at the (stand-in) home.
-    home_link = root / hex12()
+    home_link = root / new_name()
     os.symlink(home, home_link)
     # A stale bindspace full of links leading outside the root.
-    staged = stage(runtime) / hex12()
+    staged = stage(runtime) / new_name()
     (staged / "tractor").mkdir(parents=True, mode=0o700)
     os.symlink(outside, staged / "escape")
     os.symlink(outside / "sentinel", staged / "tractor" / "file-link")
@@ -486,7 +542,7 @@ def test_safety(runtime: Runtime, mode: str) -> None:
     os.rename(staged, stale)
     age(stale, STALE)
     # Not ours by kind or by name: left alone, however old.
-    regular = root / hex12()
+    regular = root / new_name()
     regular.write_text("a regular file named like a bindspace")
     age(regular, STALE)
     kept = [regular]
@@ -496,11 +552,11 @@ def test_safety(runtime: Runtime, mode: str) -> None:
         # Another user's (chowned before they enter the root, where they
         # would be garbage if ours): a directory, a dead socket, a symlink.
         pid, _ = dead_pid()
-        theirs = stage(runtime) / hex12()
+        theirs = stage(runtime) / new_name()
         theirs.mkdir(mode=0o700)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.bind(os.fspath(stage(runtime) / f"actor@{pid}.sock"))
-        os.symlink(home, stage(runtime) / (link_name := hex12()))
+        os.symlink(home, stage(runtime) / (link_name := new_name()))
         for name in (theirs.name, f"actor@{pid}.sock", link_name):
             os.lchown(stage(runtime) / name, NOBODY, NOBODY)
             os.rename(stage(runtime) / name, root / name)
@@ -521,7 +577,7 @@ def test_safety(runtime: Runtime, mode: str) -> None:
     # the real home.  Nothing but the home's existence is looked at.
     real_home = Path.home()
     assert real_home.is_dir()
-    real_link = root / hex12()
+    real_link = root / new_name()
     os.symlink(real_home, real_link)
     gc.run()
     assert not os.path.lexists(real_link)
@@ -531,7 +587,7 @@ def test_safety(runtime: Runtime, mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_directory_in_place_of_the_record_does_not_break_gc(runtime: Runtime, mode: str) -> None:
     gc = Gc(runtime, mode, grace=0)
-    odd = stage(runtime) / hex12()
+    odd = stage(runtime) / new_name()
     (odd / RECORD_NAME).mkdir(parents=True)
     odd_in_root = runtime.root / odd.name
     os.rename(odd, odd_in_root)
@@ -547,8 +603,32 @@ def test_a_directory_in_place_of_the_record_does_not_break_gc(runtime: Runtime, 
         assert gc.daemon.poll() is None, "the daemon must survive"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unreadable_record_costs_one_entry(runtime: Runtime, mode: str) -> None:
+    """A bindspace whose record no one can open (a socket in its place;
+    chmod 000 would not stop root) is kept, since gc cannot tell whether
+    its lease lives, and is no reason to spare anything else, or for a
+    daemon not to start over it."""
+    odd = stage(runtime) / new_name()
+    odd.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(odd / RECORD_NAME))
+    odd_in_root = ensure_root(runtime) / odd.name
+    os.rename(odd, odd_in_root)
+    age(odd_in_root, STALE)
+    stale = stale_dir(runtime)
+    gc = Gc(runtime, mode, grace=0)
+
+    gc.run()
+
+    assert not os.path.lexists(stale)
+    assert odd_in_root.is_dir()
+    if gc.daemon is not None:
+        assert gc.daemon.poll() is None, "the daemon must survive"
+
+
 def test_a_fifo_in_place_of_the_record_does_not_hang_gc(runtime: Runtime) -> None:
-    odd = stage(runtime) / hex12()
+    odd = stage(runtime) / new_name()
     odd.mkdir()
     os.mkfifo(odd / RECORD_NAME)
     odd_in_root = ensure_root(runtime) / odd.name

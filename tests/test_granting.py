@@ -77,7 +77,7 @@ def test_leased_command_sees_tcp_envelope_and_session_is_removed_after(runtime: 
     assert env["TRACTOR_SESSION_ID"] == rt._session_uuid
     bindspace = held.bindspace
     assert bindspace.parent == runtime.root
-    assert bindspace.name == rt._session_uuid.replace("-", "")[:12]
+    assert bindspace.name == rt._session_uuid.replace("-", "")[:4]
     assert rt._enable_tpts == ["tcp"]
     low, high = pool
     assert len(rt._registry_addrs) == 1
@@ -356,8 +356,8 @@ def test_exhausted_port_pool_is_a_clear_refusal_and_nothing_breaks(runtime: Runt
 
 def deepest_socket_len(root: Path) -> int:
     """Length of the deepest socket path tractor may create in a bindspace
-    of ``root``: <root>/<12 hex>/tractor/actor.<32 hex>@<7 digits>.sock."""
-    bindspace = root / ("0" * 12)
+    of ``root``: <root>/<4 hex>/tractor/actor.<32 hex>@<7 digits>.sock."""
+    bindspace = root / ("0" * 4)
     return len(os.fsencode(bindspace / "tractor" / f"actor.{'0' * 32}@{'9' * 7}.sock"))
 
 

@@ -331,9 +331,10 @@ def release_plain(conn: Connection, lease_id: str) -> dict[str, Any] | None:
     try:
         with connect() as fresh:
             return fresh.call(release, "released")
-    except ClientError:
-        # Already ended by the new daemon, which watched the command's pid.
-        return None
+    except ClientError as err:
+        if err.code == "ended":
+            raise
+        return None  # the new daemon did not adopt it, or ended it before knowing why
 
 
 def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, Any]:

@@ -72,19 +72,33 @@ class Findings:
         return [*procs, *self.bindspaces, *self.sockets]
 
 
-def _bindspace_verdict(path: Path, st: os.stat_result, grace: float, now: float) -> str | None:
-    """Why the directory ``path`` is garbage, or None if it must stay."""
+def _bindspace_verdict(
+    path: Path, st: os.stat_result, grace: float, now: float, session_id: str | None = None
+) -> str | None:
+    """Why the directory ``path`` is garbage (for ``session_id``'s processes,
+    if given), or None if it must stay."""
     from tractor_session.procs import is_alive
-    from tractor_session.records import read_record
+    from tractor_session.records import QUARANTINED_NAME, BadRecord, read_record
 
-    record = read_record(path)
+    try:
+        record = read_record(path)
+        why_none = "no lease record"
+    except BadRecord as bad:
+        record, why_none = None, f"an invalid lease record ({bad})"
     if record is None:
         age = now - st.st_mtime
         if age < grace:
             return None
-        return f"no lease record and {age:.0f} s old"
+        if os.path.lexists(path / QUARANTINED_NAME):
+            why_none = "its lease record was quarantined as invalid"
+        return f"{why_none} and {age:.0f} s old"
+    if session_id is not None and record.lease_id != session_id:
+        return "its name belongs to another session now"
     if record.expires is not None and record.expires <= now:
         return "its lease expired"
+    if record.runner_pid is not None and not is_alive(record.runner_pid, record.runner_start):
+        # ``lease -- CMD``'s lease process: the lease ends with it, as with a daemon.
+        return f"its lease process pid {record.runner_pid} is dead"
     if not is_alive(record.holder_pid or 0, record.holder_start):
         return f"its holder pid {record.holder_pid} is dead"
     return None
@@ -140,8 +154,8 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
         path = Path(entry.path)
         try:
             st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone meanwhile, or cannot be looked at: one entry, not the scan
         if st.st_uid != uid:
             continue
         ours = BINDSPACE_NAME_RE.fullmatch(entry.name) is not None
@@ -160,17 +174,24 @@ def scan(root: Path, grace: float = DEFAULT_GRACE) -> Findings:
 
 
 def _session_is_dead(root: Path, session_id: str, grace: float) -> bool:
-    bindspace = root / paths.short_name(session_id)
-    try:
-        st = os.lstat(bindspace)
-    except FileNotFoundError:
-        return True
-    if not stat.S_ISDIR(st.st_mode):
-        return True
-    try:
-        return _bindspace_verdict(bindspace, st, grace, time.time()) is not None
-    except OSError:
-        return False  # cannot tell: spare it
+    """Whether no bindspace of ``session_id`` is live.  Bindspace names are
+    short and get reused: a directory of the name whose record names
+    another session does not keep this one alive."""
+    now = time.time()
+    for name in paths.bindspace_names(session_id):
+        bindspace = root / name
+        try:
+            st = os.lstat(bindspace)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            if _bindspace_verdict(bindspace, st, grace, now, session_id) is None:
+                return False
+        except OSError:
+            return False  # cannot tell: spare it
+    return True
 
 
 def remove(root: Path, items: list[GcItem]) -> list[GcItem]:

@@ -3,7 +3,7 @@
 Layout (Linux defaults; ``TRACTOR_SESSION_ROOT`` moves all of it)::
 
     $XDG_RUNTIME_DIR/tractor/                 runtime root: tractor's own
-        <12 hex>/                             one bindspace per live session
+        <4 hex>/                              one bindspace per live session
             tractor/                          where tractor binds its sockets
     $XDG_RUNTIME_DIR/tractor-session/         our control directory
         control.sock  daemon.lock  spawn.lock  daemon.log
@@ -100,16 +100,40 @@ def _checked_xdg(xdg: str) -> str:
 
 
 SHORT_NAME_LEN = 12
+"""How many hex digits of a lease id ``status`` shows: enough to tell any
+two leases apart at a glance, and to type."""
 
-ROOT_BUDGET = AF_UNIX_PATH_MAX - 1 - len(f"/{'0' * SHORT_NAME_LEN}/tractor/{DEEPEST_SOCKET_NAME}")
+BINDSPACE_NAME_LEN = 4
+"""How many hex digits of a lease id name its bindspace.  Every byte here
+is a byte less for the runtime root (see :data:`ROOT_BUDGET`), so it is as
+short as it can be while 65,536 names keep collisions rare: the daemon
+draws another id when a name is taken."""
+
+LEGACY_BINDSPACE_NAME_LEN = 12
+"""The bindspace name length of versions before the budget was widened; a
+daemon still re-adopts, and gc still collects, bindspaces named so."""
+
+ROOT_BUDGET = AF_UNIX_PATH_MAX - 1 - len(f"/{'0' * BINDSPACE_NAME_LEN}/tractor/{DEEPEST_SOCKET_NAME}")
 """The longest runtime root, in bytes, under which every socket tractor
-binds in a bindspace fits AF_UNIX (34 on Linux)."""
+binds in a bindspace fits AF_UNIX (42 on Linux, 38 on macOS)."""
 
 
 def short_name(lease_id: str) -> str:
-    """The bindspace name of a lease: the first 12 hex digits of its id,
-    which is also how ``status`` shows it."""
+    """How ``status`` shows a lease: the first 12 hex digits of its id."""
     return lease_id.replace("-", "")[:SHORT_NAME_LEN]
+
+
+def bindspace_name(lease_id: str) -> str:
+    """The name of a lease's bindspace: the first 4 hex digits of its id, so
+    the short id ``status`` shows begins with it."""
+    return lease_id.replace("-", "")[:BINDSPACE_NAME_LEN]
+
+
+def bindspace_names(lease_id: str) -> tuple[str, str]:
+    """The names a bindspace of ``lease_id`` may have: this version's, and
+    the legacy one."""
+    digits = lease_id.replace("-", "")
+    return digits[:BINDSPACE_NAME_LEN], digits[:LEGACY_BINDSPACE_NAME_LEN]
 
 
 def control_dir(root: str | os.PathLike[str]) -> str:

@@ -1,7 +1,8 @@
 """What bounds a lease: the process holding it, and its ttl.
 
-:class:`Peer` is the process at the other end of a connection, and
-:func:`check_holder` vets a holder pid a client names.  :class:`Expiries`
+:class:`Peer` is the process at the other end of a connection,
+:func:`check_holder` vets a holder pid a client names, and
+:func:`bound_by` is the process a lease's record says to watch.  :class:`Expiries`
 is one timer for every ttl.
 
 On Linux a pidfd becomes readable the moment its process exits, so the
@@ -25,6 +26,7 @@ import trio
 
 from tractor_session.daemon.table import LeaseError
 from tractor_session.procs import is_alive, start_time
+from tractor_session.records import LeaseRecord
 
 POLL_INTERVAL = 0.5
 HAVE_PIDFD = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
@@ -79,6 +81,15 @@ class ProcessWatch:
             return
         while is_alive(self.pid, self.start):
             await trio.sleep(POLL_INTERVAL)  # no pidfd here: poll
+
+
+def bound_by(record: LeaseRecord) -> HolderKey:
+    """The process whose death ends a lease that no connection of this
+    daemon holds: its runner (the ``lease`` process of ``lease -- CMD``,
+    which releases when CMD ends) if it has one, else its holder."""
+    if record.runner_pid is not None:
+        return (record.runner_pid, record.runner_start)
+    return (record.holder_pid or 0, record.holder_start)
 
 
 class HolderWatches:
@@ -161,22 +172,49 @@ def check_holder(pid: int) -> float:
 
 class Expiries:
     """One task for every ttl: it sleeps until the earliest expiry, or
-    until a grant or renewal brings an earlier one.  Entries are (wall-clock
-    expiry, lease id); the caller decides whether an entry is stale."""
+    until a grant or renewal brings an earlier one.
+
+    One expiry per lease: a renewal replaces it and an ended lease's is
+    dropped, so what this keeps follows the live leases, not how many came
+    and went.  Replaced entries stay in the heap until they surface (no
+    heap removes from its middle cheaply); once they outnumber the live
+    ones, the heap is rebuilt from the live expiries alone."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}  # lease id -> its one current expiry
         self._changed = trio.Event()
 
+    def __len__(self) -> int:
+        """Entries held, replaced ones included: at most about twice the
+        number of leases with a ttl."""
+        return len(self._heap)
+
     def add(self, expires: float, lease_id: str) -> None:
+        """Set ``lease_id``'s expiry, replacing any earlier one."""
+        self._due[lease_id] = expires
         heapq.heappush(self._heap, (expires, lease_id))
+        self._compact()
         self._changed.set()
+
+    def discard(self, lease_id: str) -> None:
+        """Forget ``lease_id``'s expiry (its lease ended)."""
+        if self._due.pop(lease_id, None) is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(expires, lease_id) for lease_id, expires in self._due.items()]
+            heapq.heapify(self._heap)
 
     async def run(self, expired: Callable[[str, float], None]) -> None:
         while True:
             now = time.time()
             while self._heap and self._heap[0][0] <= now:
-                expired(heapq.heappop(self._heap)[1], now)
+                expires, lease_id = heapq.heappop(self._heap)
+                if self._due.get(lease_id) == expires:
+                    del self._due[lease_id]
+                    expired(lease_id, now)
             self._changed = trio.Event()
             with trio.move_on_after(self._heap[0][0] - now if self._heap else math.inf):
                 await self._changed.wait()

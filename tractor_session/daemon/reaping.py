@@ -73,15 +73,18 @@ class _ScanBatch:
 
 
 async def collect_garbage(
-    root: Path, grace: float, live_ids: Callable[[], set[str]], reap_grace: float, dry_run: bool = False,
+    root: Path, grace: float, live_bindspaces: Callable[[], dict[str, str]], reap_grace: float,
+    dry_run: bool = False,
 ) -> list[GcItem]:
     """Find (and unless ``dry_run``, remove) what dead sessions left under
-    ``root``: the scan runs in a thread, then ``live_ids()`` (ids and short
-    names) is asked which sessions are live *now*, and those are spared."""
+    ``root``: the scan runs in a thread, then ``live_bindspaces()`` (lease
+    id -> bindspace) is asked which sessions are live *now*, and those are
+    spared."""
     findings = await trio.to_thread.run_sync(gc.scan, root, grace)
-    live = live_ids()
+    live = live_bindspaces()
+    live_names = {Path(bindspace).name for bindspace in live.values()}
     findings.processes = {sid: v for sid, v in findings.processes.items() if sid not in live}
-    findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live]
+    findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live_names]
     if dry_run:
         return findings.items()
     reaped = await reap(findings.victims(), reap_grace)

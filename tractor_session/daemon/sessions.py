@@ -13,7 +13,7 @@ each other between two awaits; only reaping, which waits out a grace
 period, and garbage sweeps happen in the background.
 
 Stopping the daemon keeps every live lease on disk: the next daemon
-re-adopts them (:meth:`Sessions.recover`).
+re-adopts them (:meth:`Sessions.recover`, :mod:`.recovery`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import msgspec
 import trio
 
 from tractor_session import holder, protocol
-from tractor_session.daemon import reaping
+from tractor_session.daemon import reaping, recovery
 from tractor_session.daemon.config import Config
-from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, check_holder, describe
+from tractor_session.daemon.holders import Expiries, HolderKey, HolderWatches, Peer, bound_by, check_holder, describe
 from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.ports import PortPool
 from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
@@ -45,7 +45,6 @@ from tractor_session.protocol import (
     Shown,
     Status,
 )
-from tractor_session.records import BINDSPACE_NAME_RE, read_record
 
 log = logging.getLogger("tractor_session.daemon")
 traffic = logging.getLogger(LEASE_TRAFFIC)  # grants and releases: `serve -v`
@@ -96,26 +95,24 @@ class Sessions:
             task_status.started()
 
     def recover(self) -> None:
-        """Re-adopt the leases an earlier daemon left on disk."""
-        try:
-            names = os.listdir(self.config.root)
-        except FileNotFoundError:
-            return
+        """Re-adopt the leases an earlier daemon left on disk (those
+        :func:`.recovery.read_leases` finds sound), and end those whose
+        bound process or parent ended meanwhile."""
         dead = 0
-        for name in names:
-            if not BINDSPACE_NAME_RE.fullmatch(name):
-                continue
-            record = read_record(self.config.root / name)
-            if record is None:
-                continue
+        for record in recovery.read_leases(self.config.root):
             lease = self.table.adopt(record)
-            if is_alive(record.holder_pid or 0, record.holder_start):
-                self._track(lease)
+            key = bound_by(lease.record)
+            if record.parent is not None and record.parent not in self.table.leases:
+                why = "its parent ended while no daemon ran"
+            elif not is_alive(*key):
+                why = f"{'its lease process' if lease.runner else 'its holder'} pid {key[0]} died while no daemon ran"
             else:
-                dead += 1
-                self._end_in_background(lease, "holder died while no daemon ran")
+                self._track(lease)
+                continue
+            dead += 1
+            self._end_in_background(lease, why)
         if dead:
-            log.info("recovery: ending %d leases whose holders died meanwhile", dead)
+            log.info("recovery: ending %d leases whose holders or parents ended meanwhile", dead)
         self.readopted = len(self.table) - dead
 
     # -- requests -------------------------------------------------------
@@ -185,6 +182,8 @@ class Sessions:
         When that is ``lease -- CMD`` (CMD ended), the releasing process is
         the session's subreaper, and its descendants are the session's."""
         await self._unless_ending(lease)
+        # After a restart, the ``lease`` process releases on a new connection.
+        by_holder |= lease.runner == peer.pid and peer.start == lease.record.runner_start
         # The requester may itself run inside the session (a script that
         # leased with --export): it and its ancestors are spared.
         reaped = await self.end_lease(
@@ -224,12 +223,17 @@ class Sessions:
         """Re-bind a lease to the command its connection runs, so that a
         daemon restarted mid-run knows what bounds it."""
         start = check_holder(pid)
-        old_key = self._holder_key(lease)
-        netns = lease.record.netns
-        if lease.record.net == "private" and (theirs := holder.network_namespace(pid)) != holder.network_namespace():
+        old_key = bound_by(lease.record)
+        record = lease.record
+        netns = record.netns
+        if record.net == "private" and (theirs := holder.network_namespace(pid)) != holder.network_namespace():
             netns = theirs
-        self.table.update(lease, holder_pid=pid, holder_start=start, netns=netns)
-        lease.runner = old_key[0] if lease.lease_id in self.connected else None
+        runner = (record.runner_pid, record.runner_start)
+        if lease.lease_id in self.connected and record.runner_pid is None:
+            runner = old_key  # the connection's process: a restarted daemon watches it instead
+        self.table.update(lease, holder_pid=pid, holder_start=start, netns=netns, runner_pid=runner[0] or None,
+                          runner_start=runner[1])
+        lease.runner = runner[0] or None
         self._untrack_holder(lease, old_key)
         self._track(lease)
         return Bound(lease.lease_id)
@@ -264,18 +268,14 @@ class Sessions:
         to one of our connections needs no pid watch: the connection closes
         when its process dies."""
         if lease.lease_id not in self.connected and lease.record.holder_pid is not None:
-            key = self._holder_key(lease)
+            key = bound_by(lease.record)
             self.by_holder.setdefault(key, set()).add(lease.lease_id)
             assert self._nursery is not None
             self.holder_watches.add(self._nursery, key)
         self._track_expiry(lease)
 
-    @staticmethod
-    def _holder_key(lease: Lease) -> HolderKey:
-        return (lease.record.holder_pid or 0, lease.record.holder_start)
-
     def _untrack_holder(self, lease: Lease, key: HolderKey | None = None) -> None:
-        key = key or self._holder_key(lease)
+        key = key or bound_by(lease.record)
         if (ids := self.by_holder.get(key)) is not None:
             ids.discard(lease.lease_id)
             if not ids:
@@ -285,7 +285,7 @@ class Sessions:
     async def _holder_exited(self, key: HolderKey) -> None:
         for lease_id in self.by_holder.pop(key, ()):
             if (lease := self.table.leases.get(lease_id)) is not None:
-                self._end_in_background(lease, f"holder pid {key[0]} died")
+                self._end_in_background(lease, f"{'its lease process' if lease.runner else 'holder'} pid {key[0]} died")
 
     def _track_expiry(self, lease: Lease) -> None:
         if lease.record.expires is not None:
@@ -293,7 +293,6 @@ class Sessions:
 
     def _expired(self, lease_id: str, now: float) -> None:
         lease = self.table.leases.get(lease_id)
-        # A renewal leaves the old entry behind: the record decides.
         if lease is not None and lease.record.expires is not None and lease.record.expires <= now:
             self._end_in_background(lease, "its ttl expired")
 
@@ -349,6 +348,7 @@ class Sessions:
             if len(self.ended) > ENDED_REMEMBERED:
                 del self.ended[next(iter(self.ended))]
             self._untrack_holder(lease)
+            self.expiries.discard(lease.lease_id)
             self.spawn_marks.pop(lease.lease_id, None)
             self._announce()
         finally:
@@ -382,10 +382,9 @@ class Sessions:
             # The command of a ``lease -- CMD`` whose lease process died.
             roots |= {record.holder_pid}
         victims = await self.scanner.find(lease.lease_id, Target(roots, record.netns))
-        if lease.runner is not None and lease.lease_id in self.connected:
-            # The ``lease`` process is alive (its connection is open), in a
-            # private network it shares with the session: it ends when CMD
-            # does, and must be there to say why.
+        if lease.runner is not None:
+            # The ``lease`` process may share a private network with the
+            # session: it ends when CMD does, and must be there to say why.
             victims = [v for v in victims if v.pid != lease.runner]
         if victims and spare is not None:
             # Looked up only now: walking the ancestry costs, and most
@@ -402,7 +401,7 @@ class Sessions:
         # Live ids are read after the scan: a lease granted while it ran is
         # spared (grants happen in this thread, whole, between two awaits).
         return await reaping.collect_garbage(
-            self.config.root, grace, lambda: {*self.table.leases, *self.table.by_short},
+            self.config.root, grace, lambda: {i: lease.record.bindspace for i, lease in self.table.leases.items()},
             self.config.reap_grace, dry_run,
         )
 

@@ -21,7 +21,7 @@ import msgspec
 
 from tractor_session import envelope
 from tractor_session.daemon.ports import PortPool, PortPoolError
-from tractor_session.paths import SHORT_NAME_LEN, root_too_long, short_name
+from tractor_session.paths import SHORT_NAME_LEN, bindspace_name, root_too_long, short_name
 from tractor_session.protocol import LeaseInfo, LeaseRequest
 from tractor_session.records import LeaseRecord, create_record, remove_bindspace, write_record
 
@@ -88,7 +88,7 @@ class LeaseTable:
         self._socket = str(control_socket)
         self.ports = ports
         self.leases: dict[str, Lease] = {}
-        # 12-hex names handed out, so prefix lookups and collisions are O(1).
+        # Short ids (12 hex) of the live leases, so prefix lookups are O(1).
         self.by_short: dict[str, Lease] = {}
         # parent lease id -> ids of its children (an xdist run's workers).
         self.children: dict[str, set[str]] = {}
@@ -181,10 +181,13 @@ class LeaseTable:
         return self._add(record)
 
     def adopt(self, record: LeaseRecord) -> Lease:
-        """Take over a lease recorded by an earlier daemon."""
+        """Take over a lease recorded by an earlier daemon (a record
+        :mod:`.recovery` found sound)."""
         if record.port is not None:
             self.ports.adopt(record.port)
-        return self._add(record)
+        lease = self._add(record)
+        lease.runner = record.runner_pid
+        return lease
 
     def _add(self, record: LeaseRecord) -> Lease:
         lease = Lease(record)
@@ -217,7 +220,7 @@ class LeaseTable:
     def _new_bindspace(self) -> tuple[str, str]:
         for _ in range(100):
             lease_id = str(uuid.uuid4())
-            bindspace = f"{self._root}/{short_name(lease_id)}"
+            bindspace = f"{self._root}/{bindspace_name(lease_id)}"
             try:
                 # The daemon runs with umask 077, so this is exactly 0700.
                 os.mkdir(bindspace, 0o700)
