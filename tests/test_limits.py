@@ -208,6 +208,20 @@ def test_idle_connections_are_cut_to_make_room_and_lease_holders_never_are(runti
     wait_for(lambda: runtime.bindspaces() == [], what="the connections' leases to end with them")
 
 
+def test_a_library_connection_cut_while_idle_reconnects_by_itself(runtime: Runtime, tmp_path: Path) -> None:
+    """A connection that holds no lease carries nothing: cut while idle,
+    its next request goes out on a new one.  One that holds a lease is
+    never cut."""
+    runtime.start_daemon("--max-connections", "2", log=tmp_path / "daemon.log")
+    with runtime.connect() as idle, runtime.connect() as bound, runtime.connect() as newcomer:
+        daemon_pid = idle.status().daemon_pid
+        lease_id = bound.lease("uds").lease.lease_id
+        assert newcomer.status().daemon_pid == daemon_pid  # cut `idle` to get in
+        assert [info.lease_id for info in idle.status().leases] == [lease_id]
+        assert [info.lease_id for info in bound.status().leases] == [lease_id]
+        bound.release(lease_id)
+
+
 def test_a_client_refused_as_busy_retries_within_its_deadline(runtime: Runtime, tmp_path: Path) -> None:
     """When every connection holds a lease, a new one is refused ``busy``
     (nothing can be cut); a client retries, and gets in once a slot

@@ -96,8 +96,8 @@ class Connection:
         self._daemon_pid = 0
         self._daemon_version = ""
         self.spawned = False
-        # A lease bound to this connection was asked for: from then on it
-        # is never silently replaced by another (see _roundtrip).
+        # A lease bound to this connection was asked for (and answered):
+        # from then on it is never silently replaced (see _roundtrip).
         self.bound = False
 
     def daemon_pid(self) -> int:
@@ -138,9 +138,9 @@ class Connection:
                 else:
                     self.sock.sendall(request)
                 body = self._receive_body()
-                if not (body.startswith(b'{"type":"error"') and wire.decode(body).get("code") == "busy"):
+                if not (body.startswith(b'{"type":"error"') and (reply := wire.decode(body)).get("code") == "busy"):
                     return body
-                refused = ClientError("busy", str(wire.decode(body).get("message")))
+                refused = ClientError("busy", str(reply.get("message")))
             except ClientError as err:  # the first reply on a new connection
                 if err.code != "busy":
                     raise
@@ -195,10 +195,11 @@ class Connection:
             data = wire.encode(request)
         except (TypeError, ValueError) as err:
             raise ClientError("bad-request", f"cannot send {request.get('type')!r} request: {err}") from None
-        if request.get("type") == "lease" and request.get("holder_pid") is None:
-            self.bound = True
         try:
-            return decode(self._roundtrip(data))
+            body = self._roundtrip(data)
+            if request.get("type") == "lease" and request.get("holder_pid") is None:
+                self.bound = True
+            return decode(body)
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
         except wire.ProtocolError as err:
