@@ -180,7 +180,7 @@ def test_a_flood_from_another_uid_neither_fails_requests_nor_floods_the_log(runt
     with flood_as_other_uid(runtime.socket):
         wait_for(lambda: re.search(rf"refus\w*.*\buid {NOBODY}\b", log.read_text()), what="the flood to begin")
         size = log.stat().st_size
-        for _ in range(200):
+        for _ in range(100):
             with runtime.connect() as conn:
                 conn.status()
         assert_served(runtime)
