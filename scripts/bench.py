@@ -668,6 +668,72 @@ def measure_leftover_release(b: Bench, n: int) -> dict[str, float]:
     }
 
 
+def measure_squatted_pool(b: Bench, ports: int, requests: int) -> dict[str, float]:
+    """Another user binds every port of the pool (TCP, 127.0.0.1): each tcp
+    grant then looks through it all and fails.  The search runs in a thread
+    of the daemon, so a uds lease and release, timed alone and then while
+    tcp grants keep failing, costs about the same (before, each failing
+    grant stalled everyone ~310 ms)."""
+    import resource
+
+    from tractor_session.client import ClientError
+
+    # Above the default pool (20000-29999): the daemons of whatever else
+    # runs on this host keep theirs.
+    low = 30000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, ports + 1000)), hard))
+    squatters = []
+    for port in range(low, low + ports):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()  # someone's already: squatted all the same
+            continue
+        squatters.append(sock)
+    b.kill_daemon()
+    b.start_daemon("--port-pool", f"{low}-{low + ports - 1}")
+    failed_grants: list[float] = []
+    stop = threading.Event()
+
+    def grant_in_a_loop() -> None:
+        with b.connect() as conn:
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    conn.lease("tcp")
+                except ClientError:
+                    failed_grants.append(time.perf_counter() - t)
+
+    try:
+        with b.connect() as conn:
+
+            def uds_leases() -> list[float]:
+                times = []
+                for _ in range(requests):
+                    t = time.perf_counter()
+                    conn.release(conn.lease("uds").lease.lease_id)
+                    times.append(time.perf_counter() - t)
+                return times
+
+            alone = uds_leases()
+            granter = threading.Thread(target=grant_in_a_loop)
+            granter.start()
+            wait_until(lambda: len(failed_grants) > 0)
+            during = uds_leases()
+            stop.set()
+            granter.join()
+    finally:
+        for sock in squatters:
+            sock.close()
+    return {
+        "squat_failed_grant_ms": statistics.median(failed_grants) * 1000,
+        "squat_uds_lease_alone_p99_ms": percentile(alone, 0.99) * 1000,
+        "squat_uds_lease_p99_ms": percentile(during, 0.99) * 1000,
+    }
+
+
 def measure_ttl_memory(b: Bench, n: int, warm: int) -> dict[str, float]:
     """The daemon's RSS over ``n`` day-long ttl leases, each granted and
     released, then over ``n`` renewals of one lease: what the ttl clock
@@ -722,6 +788,7 @@ TARGETS = {
     "tractor_one_run_failures": ("<=", 0),
     "tractor_two_runs_failures": ("<=", 0),
     "plugin_import_ms": ("<=", 1.0),
+    "squat_uds_lease_p99_ms": ("<=", 50.0),
 }
 
 
@@ -773,6 +840,7 @@ def main() -> int:
         ("inert pytest plugin", lambda b: measure_plugin_import(b, 5 if q else 60)),
         ("lease --net private", lambda b: measure_net_private(b, 10 if q else 100)),
         ("plugin per test", lambda b: measure_per_test_cost(b, 100 if q else 500, 1 if q else 10)),
+        ("squatted pool", lambda b: measure_squatted_pool(b, 2000, 100 if q else 1000)),
     ]
     for name, step in steps:
         if args.only is not None and args.only not in name:

@@ -26,6 +26,7 @@ FIGURES = {
     "ttl_lease_rss_kib_per_1000", "ttl_renewal_rss_kib_per_1000",
     "plugin_inert_cost_ms", "plugin_import_ms",
     "net_private_extra_ms", "plugin_per_test_ms",
+    "squat_failed_grant_ms", "squat_uds_lease_alone_p99_ms", "squat_uds_lease_p99_ms",
 }
 
 

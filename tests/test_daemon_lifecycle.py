@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -147,6 +148,36 @@ def test_stop_without_a_daemon_says_so_and_starts_none(runtime: Runtime) -> None
     assert "no daemon runs" in res.stdout
     assert runtime.daemon_pid() is None and not runtime.socket.exists()
     assert daemon_processes(runtime) == []
+
+
+# -- a lost control socket -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_daemon_whose_socket_file_is_lost_serves_the_next_client(runtime: Runtime, how: str) -> None:
+    """With its socket's file deleted (or replaced by a dead socket) the
+    daemon still holds the lock, so no other can start: the next client
+    (`status`, which starts no daemon, or `lease`, which would) asks it to
+    bind the socket again and is served by it.  Connections open
+    meanwhile, and the leases bound to them, go on."""
+    daemon = runtime.start_daemon()
+    with runtime.connect() as held:
+        lease = held.lease("uds").lease
+        runtime.socket.unlink()
+        if how == "replaced":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+                dead.bind(str(runtime.socket))
+            res = runtime.cli("lease", "--", "true", timeout=DEADLINE)
+            assert res.returncode == 0, res.stderr
+        assert lease_ids(runtime) == {lease.lease_id}
+        assert runtime.daemon_pid() == daemon.pid
+        res = runtime.cli("lease", "--", "true", timeout=DEADLINE)
+        assert res.returncode == 0, res.stderr
+        assert [info.lease_id for info in held.status().leases] == [lease.lease_id]
+    wait_for(lambda: lease_ids(runtime) == set(), what="the connection's lease to end with it")
+    assert runtime.daemon_pid() == daemon.pid
+    assert stop(daemon) == 0
+    assert not runtime.socket.exists()
 
 
 # -- idle exit -----------------------------------------------------------------------

@@ -276,7 +276,10 @@ def test_refused_holder(runtime: Runtime, which: str) -> None:
     ],
     ids=["tcp4", "udp4", "tcp6", "udp6"],
 )
-def test_a_port_busy_in_any_family_is_not_handed_out(runtime: Runtime, family: int, kind: int, host: str) -> None:
+def test_a_port_busy_on_tcp_in_any_family_is_not_handed_out(runtime: Runtime, family: int, kind: int, host: str) -> None:
+    """A port bound on TCP, over either family, is skipped.  One bound on
+    UDP only is handed out: tractor's registry is TCP only, and checking
+    UDP let anyone empty the pool with UDP sockets."""
     low = private_pool(2).low
     if not (ports.is_free(low) and ports.is_free(low + 1)):
         pytest.skip("the private pool is in use")
@@ -290,7 +293,7 @@ def test_a_port_busy_in_any_family_is_not_handed_out(runtime: Runtime, family: i
             pytest.skip(f"cannot bind {host}: {err}")
         runtime.start_daemon("--port-pool", f"{low}-{low + 1}")
         holder = runtime.holder()
-        assert export_lease(runtime, holder.pid)["port"] == low + 1
+        assert export_lease(runtime, holder.pid)["port"] == (low + 1 if kind == socket.SOCK_STREAM else low)
     finally:
         busy.close()
 

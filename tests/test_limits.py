@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import platform
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +34,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import (
+    CLI,
     DEADLINE,
     HELLO,
     PortPool,
@@ -51,7 +55,7 @@ from conftest import (
 )
 
 from tractor_session import protocol
-from tractor_session.client import ClientError
+from tractor_session.daemon.control import BACKLOG
 from tractor_session.protocol import Error, Granted, Hello, LeaseRequest, StatusRequest, Welcome, frame
 from tractor_session.wire import HEADER, PROTOCOL_VERSION
 
@@ -172,35 +176,120 @@ def test_silent_clients_do_not_hold_up_others(runtime: Runtime, pool: PortPool) 
             sock.close()
 
 
-def test_connection_limit_gives_busy_while_others_are_served(runtime: Runtime, tmp_path: Path) -> None:
-    runtime.start_daemon("--max-connections", "4", log=tmp_path / "daemon.log")
-    idle = [raw_connect(runtime.socket) for _ in range(3)]
+def test_idle_connections_are_cut_to_make_room_and_lease_holders_never_are(runtime: Runtime, tmp_path: Path) -> None:
+    """A same-user flood of idle connections up to ``--max-connections``
+    (that said hello, the oldest trickling a frame) no longer starves
+    everyone else: each new connection cuts the one idle longest, with a
+    ``busy`` error, while the connections that hold a lease (older still)
+    are never cut and keep working."""
+    limit = 16
+    runtime.start_daemon("--max-connections", str(limit), log=tmp_path / "daemon.log")
+    with contextlib.ExitStack() as stack:
+        holders = [stack.enter_context(runtime.connect()) for _ in range(2)]
+        leases = [conn.lease("uds").lease.lease_id for conn in holders]
+        idle = []
+        for _ in range(limit - len(holders)):
+            idle.append(sock := stack.enter_context(raw_connect(runtime.socket)))
+            handshake(sock)  # one at a time: the daemon sees them idle in this order
+        idle[0].sendall(HELLO[:3])  # a frame begun, never finished
+        res = runtime.cli("lease", "--", "true")
+        assert res.returncode == 0, res.stderr
+        assert runtime.cli("status").returncode == 0
+        for conn, lease_id in zip(holders, leases, strict=True):
+            assert [info.lease_id for info in conn.status().leases if info.lease_id == lease_id] == [lease_id]
+        # The lease made room by cutting the oldest idle one, with a word
+        # why (the status found the room it had left); no other was cut.
+        replies = split_frames(read_to_eof(idle[0]))
+        assert [(r.code, "idle" in r.message) for r in replies if isinstance(r, Error)] == [("busy", True)], replies
+        for sock in idle[1:]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+    wait_for(lambda: runtime.bindspaces() == [], what="the connections' leases to end with them")
+
+
+def test_a_library_connection_cut_while_idle_reconnects_by_itself(runtime: Runtime, tmp_path: Path) -> None:
+    """A connection that holds no lease carries nothing: cut while idle,
+    its next request goes out on a new one.  One that holds a lease is
+    never cut."""
+    runtime.start_daemon("--max-connections", "2", log=tmp_path / "daemon.log")
+    with runtime.connect() as idle, runtime.connect() as bound, runtime.connect() as newcomer:
+        daemon_pid = idle.status().daemon_pid
+        lease_id = bound.lease("uds").lease.lease_id
+        assert newcomer.status().daemon_pid == daemon_pid  # cut `idle` to get in
+        assert [info.lease_id for info in idle.status().leases] == [lease_id]
+        assert [info.lease_id for info in bound.status().leases] == [lease_id]
+        bound.release(lease_id)
+
+
+def test_a_client_refused_as_busy_retries_within_its_deadline(runtime: Runtime, tmp_path: Path) -> None:
+    """When every connection holds a lease, a new one is refused ``busy``
+    (nothing can be cut); a client retries, and gets in once a slot
+    frees."""
+    limit = 4
+    log = tmp_path / "daemon.log"
+    runtime.start_daemon("--max-connections", str(limit), log=log)
+    with contextlib.ExitStack() as stack:
+        holders = [stack.enter_context(runtime.connect()) for _ in range(limit)]
+        for conn in holders:
+            conn.lease("uds")
+        status = runtime.popen([*CLI, "status", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Its first try refused (the log is only the signal to go on).
+        wait_for(lambda: "refused a connection: all 4" in log.read_text() or status.poll() is not None,
+                 what="the daemon to refuse the status client")
+        holders.pop().close()
+        out, err = status.communicate(timeout=DEADLINE)
+        assert status.returncode == 0, err
+        assert len(json.loads(out)) == limit - 1
+        # Still full: a raw connection is told so at once, asked nothing.
+        stack.enter_context(runtime.connect()).lease("uds")
+        with raw_connect(runtime.socket) as refused:
+            replies = split_frames(read_to_eof(refused))
+        assert [(r.code, "none idle" in r.message) for r in replies if isinstance(r, Error)] == [("busy", True)], replies
+
+
+def test_a_client_waits_for_room_in_a_full_connection_queue(runtime: Runtime) -> None:
+    """A full queue of connections (a flood the daemon has not accepted
+    yet; here, a stopped daemon's) is waited out, not an instant EAGAIN."""
+    syscall = {"x86_64": 42, "aarch64": 203}.get(platform.machine())
+    if syscall is None:
+        pytest.skip(f"connect's syscall number on {platform.machine()} is not known here")
+    daemon = runtime.start_daemon()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    queue = min(BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    if hard < queue + 200:
+        pytest.skip(f"filling a queue of {queue} needs more than {hard} file descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    queued: list[socket.socket] = []
+    daemon.send_signal(signal.SIGSTOP)
     try:
-        for sock in idle:
-            handshake(sock)  # now surely counted by the daemon
-        with runtime.connect() as good:  # the 4th
-            held = good.lease("uds")
-            with raw_connect(runtime.socket) as fifth:
-                replies = split_frames(read_to_eof(fifth))
-            assert len(replies) == 1 and isinstance(replies[0], Error), replies
-            assert replies[0].code == "busy" and "4 connections" in replies[0].message, replies[0]
-            # The connections inside the limit still work.
-            assert good.status().leases[0].lease_id == held.lease.lease_id
-            good.release(held.lease.lease_id)
-    finally:
-        for sock in idle:
-            sock.close()
+        while len(queued) <= queue + 1:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(runtime.socket))
+            except BlockingIOError:
+                sock.close()
+                break
+            queued.append(sock)
+        else:
+            raise AssertionError(f"{len(queued)} connections queued and the queue is still not full")
+        status = runtime.popen([*CLI, "status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def served() -> bool:
-        try:
-            assert_served(runtime)
-        except ClientError as err:
-            if err.code == "busy":
+        def in_connect() -> bool:
+            try:
+                return Path(f"/proc/{status.pid}/syscall").read_text().split()[0] == str(syscall)
+            except (OSError, IndexError):
                 return False
-            raise
-        return True
 
-    wait_for(served, what="the daemon to serve again once the idle connections closed")
+        wait_for(lambda: in_connect() or status.poll() is not None, what="the client to try to connect")
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+        for sock in queued:
+            sock.close()
+    out, err = status.communicate(timeout=DEADLINE)
+    assert status.returncode == 0, err
+    assert f"daemon pid {daemon.pid}" in out.decode()
 
 
 def test_lease_limit_gives_too_many_leases(runtime: Runtime, tmp_path: Path) -> None:
@@ -218,6 +307,51 @@ def test_lease_limit_gives_too_many_leases(runtime: Runtime, tmp_path: Path) -> 
     # The greedy connection closed: its connection-held leases end.
     wait_for(lambda: runtime.bindspaces() == [], what="connection-held leases to end")
     assert_served(runtime)
+
+
+@contextlib.contextmanager
+def squatted(pool: PortPool, kind: socket.SocketKind) -> Iterator[list[socket.socket]]:
+    """Every port of ``pool`` bound on 127.0.0.1 with ``kind``, as another
+    user can do without any privilege; unbound at the end."""
+    squatters: list[socket.socket] = []
+    try:
+        for port in range(pool.low, pool.high + 1):
+            sock = socket.socket(socket.AF_INET, kind)
+            squatters.append(sock)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as err:
+                pytest.skip(f"port {port} of the private pool is in use: {err}")
+        yield squatters
+    finally:
+        for sock in squatters:
+            sock.close()
+
+
+def test_a_pool_squatted_on_udp_still_grants_tcp_leases(runtime: Runtime, tmp_path: Path) -> None:
+    """UDP sockets on every port of the pool take nothing from a TCP registry."""
+    pool = private_pool(16)
+    with squatted(pool, socket.SOCK_DGRAM):
+        runtime.start_daemon("--port-pool", str(pool), log=tmp_path / "daemon.log")
+        granted = assert_served(runtime, "tcp")
+    assert granted.lease.port is not None and pool.low <= granted.lease.port <= pool.high
+
+
+def test_a_pool_squatted_on_tcp_refuses_tcp_leases_and_serves_the_rest(runtime: Runtime, tmp_path: Path) -> None:
+    """What the README says a squatted pool does: a tcp lease is refused
+    with ``no-free-port`` and what to do; uds leases and every other
+    request are served; a port the squatter lets go is handed out."""
+    pool = private_pool(16)
+    runtime.start_daemon("--port-pool", str(pool), log=tmp_path / "daemon.log")
+    with runtime.connect() as conn, squatted(pool, socket.SOCK_STREAM) as squatters:
+        for _ in range(3):
+            err = client_error(lambda: conn.lease("tcp"))
+            assert err.code == "no-free-port" and f"no free port in {pool}" in str(err), err
+            assert "--tpt-proto uds" in str(err), err
+        assert_served(runtime, "uds")
+        assert runtime.bindspaces() == []
+        squatters.pop(5).close()
+        assert conn.lease("tcp").lease.port == pool.low + 5
 
 
 # -- resource exhaustion ------------------------------------------------------------

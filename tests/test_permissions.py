@@ -19,10 +19,11 @@ import os
 import re
 import select
 import signal
+import socket
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,50 @@ def test_peer_of_another_uid_is_refused_even_with_loosened_permissions(runtime: 
     wait_for(lambda: re.search(rf"refus\w*.*\buid {NOBODY}\b", log.read_text()),
              what="the daemon's log line about the refused uid")
     assert_served(runtime)
+
+
+@contextlib.contextmanager
+def flood_as_other_uid(path: Path) -> Iterator[None]:
+    """A forked child, as uid 65534, connecting to ``path`` and hanging up
+    as fast as it can until the end of the block."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            while True:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, contextlib.suppress(OSError):
+                    sock.connect(str(path))
+        finally:
+            os._exit(0)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@needs_root("switching uid")
+def test_a_flood_from_another_uid_neither_fails_requests_nor_floods_the_log(runtime: Runtime, tmp_path: Path) -> None:
+    """Another user's flood of connections (with the permissions loosened)
+    fills the daemon's queue: our clients wait for room instead of failing
+    (EAGAIN), and the refusals are logged at a bounded rate, not one line
+    each."""
+    log = tmp_path / "daemon.log"
+    runtime.start_daemon(log=log)
+    os.chmod(runtime.base, 0o711)
+    os.chmod(runtime.control, 0o711)
+    os.chmod(runtime.socket, 0o666)
+    with flood_as_other_uid(runtime.socket):
+        wait_for(lambda: re.search(rf"refus\w*.*\buid {NOBODY}\b", log.read_text()), what="the flood to begin")
+        size = log.stat().st_size
+        for _ in range(100):
+            with runtime.connect() as conn:
+                conn.status()
+        assert_served(runtime)
+        grown = log.stat().st_size - size
+    assert grown < 2000, f"the log grew by {grown} bytes during the flood"
 
 
 @needs_root("a process of another user")

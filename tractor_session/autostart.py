@@ -25,6 +25,9 @@ import time
 from tractor_session import envelope, paths
 from tractor_session.client import ClientError, Connection, try_connect
 
+REBIND_SIGNAL = signal.SIGUSR1
+"""Asks a daemon whose control socket's file is gone to bind it again
+(:mod:`tractor_session.daemon.control`)."""
 DAEMON_START_TIMEOUT = 10.0
 DAEMON_IDLE_EXIT = 300.0
 IDLE_EXIT_ENV = "TRACTOR_SESSION_EXIT_WHEN_IDLE"
@@ -56,9 +59,10 @@ def start_daemon(sock_path: str, env: dict[str, str]) -> Connection:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if (conn := try_connect(sock_path)) is not None:
             return conn
-        # A daemon that is stopping has closed its socket but still holds
-        # its lock for a moment; a new one started now would refuse to run.
-        wait_for_daemon_exit(root, DAEMON_START_TIMEOUT)
+        # A daemon may hold the lock without answering: stopping (a new one
+        # started now would refuse to run), starting, or headless.
+        if (conn := reach_headless_daemon(root, sock_path, DAEMON_START_TIMEOUT)) is not None:
+            return conn
         _spawn_daemon(root, sock_path, env, idle_exit)
         if (conn := try_connect(sock_path)) is None:
             raise ClientError("unreachable", f"the daemon started but does not answer at {sock_path}")
@@ -127,6 +131,67 @@ def wait_for_process_end(pid: int, timeout: float) -> None:
         select.select([fd], [], [], timeout)
     finally:
         os.close(fd)
+
+
+def _lock_holder(root: str) -> int | None:
+    """The pid of the daemon holding ``root``'s lock (0 if it has not
+    written it yet), or None when no daemon holds it."""
+    try:
+        fd = os.open(_lock_path(root), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        return None
+    finally:
+        os.close(fd)
+
+
+def _is_serving(pid: int) -> bool:
+    """Whether ``pid`` runs ``serve``: the lock's file may still name the
+    daemon before the one that just took the lock, a pid since reused."""
+    if not os.path.isdir("/proc/self"):
+        return True  # no /proc (macOS): trust the lock
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0serve\0" in b"\0" + f.read()
+    except OSError:
+        return False
+
+
+def reach_headless_daemon(root: str, sock_path: str, timeout: float) -> Connection | None:
+    """A connection to the daemon that holds ``root``'s lock although its
+    control socket does not answer; None once no daemon holds the lock.
+
+    Such a daemon is starting (it binds its socket in a moment), stopping
+    (it lets go of the lock in a moment) or headless: its socket's file was
+    deleted.  Each try asks it to bind the socket again
+    (:data:`REBIND_SIGNAL`; see :mod:`tractor_session.daemon.control`),
+    which the first two ignore."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while (pid := _lock_holder(root)) is not None:
+        if pid > 0 and _is_serving(pid):
+            try:
+                os.kill(pid, REBIND_SIGNAL)
+            except ProcessLookupError:
+                pass
+        if (conn := try_connect(sock_path)) is not None:
+            return conn
+        if time.monotonic() > deadline:
+            raise ClientError(
+                "unreachable",
+                f"the daemon (pid {pid}) holds {_lock_path(root)} but does not answer at {sock_path},"
+                f" not even after {timeout:g} s of asking it to bind it again; `kill {pid}` (its"
+                " live leases stay on disk for the next daemon)",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return None
 
 
 def terminate_daemon(root: str) -> int:

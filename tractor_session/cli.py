@@ -269,7 +269,8 @@ def _add_serve(sub: _Subparsers, fmt: _Format) -> None:
     p.add_argument("--max-message-bytes", type=count, metavar="N",
                    help="largest request accepted (default: 65536)")
     p.add_argument("--max-connections", type=count, metavar="N",
-                   help="most concurrent client connections (default: 1024)")
+                   help="most concurrent client connections; at the limit, the one idle longest"
+                   " and holding no lease is closed to make room (default: 1024)")
     p.add_argument("--exit-when-idle", type=seconds, metavar="SECONDS",
                    help="exit after SECONDS with no live lease and no client connected (default: never)")
     p.add_argument("-v", "--verbose", action="store_true", help="also log every grant and release")

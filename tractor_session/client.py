@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+import time
 
 from tractor_session import paths, wire
 
@@ -50,6 +52,14 @@ if TYPE_CHECKING:
 
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 REPLY_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
+"""How long a client waits for a daemon to take its connection: for room
+in a full queue of connections, or past ``busy`` replies (see
+:meth:`Connection._roundtrip`)."""
+
+
+_HELLO = wire.encode({"type": "hello", "version": wire.PROTOCOL_VERSION, "client": "tractor-session"})
+_TIMEVAL = struct.Struct("ll")
 
 
 class ClientError(RuntimeError):
@@ -76,17 +86,19 @@ class Connection:
     killed before it could ask leaves the daemon to ``--exit-when-idle``.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, path: str) -> None:
         self.sock = sock
+        self.path = path
         self._buf = bytearray()
         # The Hello goes out with the first request and its Welcome is read
         # before that request's reply: one round trip saved per connection.
-        self._hello: bytes | None = wire.encode(
-            {"type": "hello", "version": wire.PROTOCOL_VERSION, "client": "tractor-session"}
-        )
+        self._hello: bytes | None = _HELLO
         self._daemon_pid = 0
         self._daemon_version = ""
         self.spawned = False
+        # A lease bound to this connection was asked for (and answered):
+        # from then on it is never silently replaced (see _roundtrip).
+        self.bound = False
 
     def daemon_pid(self) -> int:
         """The daemon's pid (says hello first if no request has yet)."""
@@ -101,11 +113,54 @@ class Connection:
     def _say_hello(self) -> None:
         if self._hello is not None:
             try:
-                self._handshake(b"")
+                self._roundtrip(b"")
             except OSError as err:
                 raise ClientError("unreachable", f"the daemon did not answer: {err}") from None
             except wire.ProtocolError as err:
                 raise ClientError("protocol", str(err)) from None
+
+    def _roundtrip(self, request: bytes) -> bytes:
+        """Send ``request`` (framed; empty: only the Hello) and return the
+        reply's body.
+
+        A daemon at its connection limit answers ``busy`` having read
+        nothing of ours, and may close a connection that holds no lease; so
+        a refused request, or one that finds a connection without a lease
+        closed, is sent again on a new connection, for CONNECT_TIMEOUT."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        delay = 0.005
+        while True:
+            try:
+                if self._hello is not None:
+                    self._handshake(request)
+                    if not request:
+                        return b""
+                else:
+                    self.sock.sendall(request)
+                body = self._receive_body()
+                if not (body.startswith(b'{"type":"error"') and (reply := wire.decode(body)).get("code") == "busy"):
+                    return body
+                refused = ClientError("busy", str(reply.get("message")))
+            except ClientError as err:  # the first reply on a new connection
+                if err.code != "busy":
+                    raise
+                refused = err
+            except BrokenPipeError as err:  # the daemon had closed it: nothing read
+                if self.bound:
+                    raise
+                refused = ClientError("unreachable", f"the daemon closed the connection: {err}")
+            if time.monotonic() + delay > deadline:
+                raise refused
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        sock = open_socket(self.path)
+        if sock is None:
+            raise ClientError("unreachable", f"the daemon no longer answers at {self.path}")
+        self.sock.close()
+        self.sock, self._buf, self._hello = sock, bytearray(), _HELLO
 
     def _handshake(self, request: bytes) -> None:
         assert self._hello is not None
@@ -141,11 +196,10 @@ class Connection:
         except (TypeError, ValueError) as err:
             raise ClientError("bad-request", f"cannot send {request.get('type')!r} request: {err}") from None
         try:
-            if self._hello is not None:
-                self._handshake(data)
-            else:
-                self.sock.sendall(data)
-            return decode(self._receive_body())
+            body = self._roundtrip(data)
+            if request.get("type") == "lease" and request.get("holder_pid") is None:
+                self.bound = True
+            return decode(body)
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
         except wire.ProtocolError as err:
@@ -297,21 +351,37 @@ def _checked(reply: dict[str, Any], expected: str | None = None) -> dict[str, An
 
 
 def try_connect(path: str) -> Connection | None:
+    """A connection to the daemon at ``path``, or None if none listens there."""
     if (too_long := paths.socket_too_long(path)) is not None:
         raise ClientError("unreachable", too_long)
+    sock = open_socket(path)
+    return None if sock is None else Connection(sock, path)
+
+
+def open_socket(path: str) -> socket.socket | None:
+    """A socket connected to ``path``, or None if nothing listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Long enough for a release that waits out a reap grace period; short
-    # enough that a wedged daemon gives an error instead of a hang.
-    sock.settimeout(REPLY_TIMEOUT)
+    # A blocking connect waits for room in a full queue of connections (a
+    # flood of them) for at most the send timeout; with a socket timeout,
+    # it would fail at once (EAGAIN).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(int(CONNECT_TIMEOUT), 0))
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
+    except BlockingIOError:
+        sock.close()
+        raise ClientError(
+            "busy", f"the daemon at {path} took no new connection for {CONNECT_TIMEOUT:g} s (its queue stayed full); retry",
+        ) from None
     except OSError as err:
         sock.close()
         raise ClientError("unreachable", f"cannot connect to {path}: {err}") from None
-    return Connection(sock)
+    # Long enough for a release that waits out a reap grace period; short
+    # enough that a wedged daemon gives an error instead of a hang.
+    sock.settimeout(REPLY_TIMEOUT)
+    return sock
 
 
 def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Connection:
@@ -323,9 +393,12 @@ def connect(autostart: bool = True, environ: dict[str, str] | None = None) -> Co
         paths.check_private_dir(control)
     if (conn := try_connect(sock_path)) is not None:
         return conn
-    if not autostart:
-        raise ClientError("no-daemon", f"no tractor-session daemon runs at {sock_path}")
     from tractor_session import autostart as on_demand
 
-    return on_demand.start_daemon(sock_path, env)
+    if autostart:
+        return on_demand.start_daemon(sock_path, env)
+    root = paths.runtime_root(env)
+    if (conn := on_demand.reach_headless_daemon(root, sock_path, on_demand.DAEMON_START_TIMEOUT)) is not None:
+        return conn
+    raise ClientError("no-daemon", f"no tractor-session daemon runs at {sock_path}")
 

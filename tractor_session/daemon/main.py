@@ -1,10 +1,11 @@
 """Start-up and shut-down of the daemon.
 
 :func:`serve` takes the one-daemon-per-root lock, binds the control socket
-(or takes the one systemd passes), composes the sessions and the server,
-and runs them under trio until SIGTERM, SIGINT, a ``stop`` request or
-(if asked) a long enough idle stretch (:mod:`.lifetime`).  Stopping keeps
-every live lease on disk for the next daemon to re-adopt.
+(or takes the one systemd passes; :mod:`.control` keeps it reachable),
+composes the sessions and the server, and runs them under trio until
+SIGTERM, SIGINT, a ``stop`` request or (if asked) a long enough idle
+stretch (:mod:`.lifetime`).  Stopping keeps every live lease on disk for
+the next daemon to re-adopt.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import trio
 
 from tractor_session import paths
+from tractor_session.autostart import REBIND_SIGNAL
 from tractor_session.daemon import systemd
 from tractor_session.daemon.config import Config
+from tractor_session.daemon.control import ControlSocket, bind_control_socket
 from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.ports import PortPoolError
 from tractor_session.daemon.server import Server
@@ -58,33 +60,15 @@ def acquire_daemon_lock(control_dir: Path) -> int:
     return fd
 
 
-def _bind_control_socket(path: Path) -> socket.socket:
-    """Bind the control socket owner-only.  Called under the daemon lock, so
-    a socket file already there is a dead daemon's and safe to replace."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    sock.listen(socket.SOMAXCONN)
-    return sock
-
-
 async def _run(
-    config: Config, sessions: Sessions, lifetime: Lifetime, sock: socket.socket,
+    config: Config, sessions: Sessions, lifetime: Lifetime, control: ControlSocket,
     notifier: systemd.Notifier, ready_fd: int | None,
 ) -> None:
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     server = Server(config, sessions, lifetime)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(sessions.run)
-            nursery.start_soon(server.serve, listener)
+            nursery.start_soon(server.serve, control)
             if notifier.watchdog_interval is not None:
                 nursery.start_soon(_feed_watchdog, notifier, notifier.watchdog_interval)
             if ready_fd is not None:
@@ -124,6 +108,10 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
     """Run the daemon in this process until it is stopped; return the exit
     status.  Under systemd, serve on the socket it passes and report
     readiness; otherwise bind ``config.socket``."""
+    # A client that finds no control socket asks the lock's holder to bind
+    # it again (see .control); until the daemon listens for that, or once
+    # it stops, the request must not kill it.
+    signal.signal(REBIND_SIGNAL, lambda signum, frame: None)
     try:
         systemd.configure_logging(config.log_level, config.verbose, config.log_file)
     except OSError as err:
@@ -144,9 +132,9 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
         paths.ensure_private_dir(config.root)
         paths.ensure_private_dir(config.socket.parent)
         # Keyed on the root, whatever the socket: one daemon per root.
-        control = Path(paths.control_dir(config.root))
-        paths.ensure_private_dir(control)
-        lock_fd = acquire_daemon_lock(control)
+        control_dir = Path(paths.control_dir(config.root))
+        paths.ensure_private_dir(control_dir)
+        lock_fd = acquire_daemon_lock(control_dir)
         lifetime = Lifetime(config.exit_when_idle)
         sessions = Sessions(config, notifier, lifetime)
     except (AlreadyRunning, paths.UnsafePathError, PortPoolError) as err:
@@ -155,16 +143,14 @@ def serve(config: Config, ready_fd: int | None = None) -> int:
     _raise_fd_limit()
     # Everything the daemon creates is owner-only, without a chmod each time.
     os.umask(0o077)
-    sock = activated if activated is not None else _bind_control_socket(config.socket)
+    if activated is not None:
+        control = ControlSocket(config.socket, activated, owned=False)
+    else:
+        control = ControlSocket(config.socket, bind_control_socket(config.socket), owned=True)
     try:
-        trio.run(_run, config, sessions, lifetime, sock, notifier, ready_fd)
+        trio.run(_run, config, sessions, lifetime, control, notifier, ready_fd)
     finally:
-        # systemd owns an activated socket's file: it must outlive us.
-        if activated is None:
-            try:
-                os.unlink(config.socket)
-            except FileNotFoundError:
-                pass
+        control.remove()
         os.close(lock_fd)
         notifier.close()
     return 0

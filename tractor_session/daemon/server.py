@@ -1,14 +1,23 @@
 """Connections: who may talk to the daemon, and how a request is read.
 
-One trio task serves each connection.  It checks the peer's uid before
-anything else, reads length-prefixed frames under a size limit and two
-clocks, insists on a matching protocol version, and hands each request to
+A peer of another uid is refused as it is accepted, with no task of its
+own.  One trio task serves each other connection: it reads
+length-prefixed frames under a size limit and two clocks, insists on a matching protocol version, and hands each request to
 :class:`~tractor_session.daemon.sessions.Sessions`.  Every failure costs
 one connection, never the daemon: a malformed frame closes it with a
 ``protocol`` error, a bug with an ``internal`` one.
 
 Leases taken without a holder pid are bound to the connection that took
 them and end when it closes.
+
+At ``--max-connections``, a new connection makes room by cutting the one
+that has been idle longest: waiting for a request (or for the rest of one
+trickling in) while it holds no lease.  A connection that holds a lease,
+or whose request is being handled, is never cut; only when every one is
+like that is a new one refused.  Both get a ``busy`` error, which the
+client retries within its deadline (:mod:`tractor_session.client`).
+What a flood of connections can make the daemon log (refusals, cuts,
+malformed requests) is logged at a bounded rate (:class:`Throttled`).
 
 A ``stop`` request is answered first; only then is the daemon stopped
 (:class:`~tractor_session.daemon.lifetime.Lifetime`), so that the client
@@ -22,12 +31,14 @@ import math
 import os
 import socket
 import struct
+import time
 
 import trio
 
 import tractor_session
 from tractor_session import protocol, wire
 from tractor_session.daemon.config import Config
+from tractor_session.daemon.control import ControlSocket
 from tractor_session.daemon.holders import Peer, describe
 from tractor_session.daemon.lifetime import Lifetime
 from tractor_session.daemon.sessions import Sessions
@@ -53,6 +64,10 @@ from tractor_session.wire import ProtocolError
 log = logging.getLogger("tractor_session.daemon")
 
 _PEERCRED = struct.Struct("3i")
+_FORBIDDEN = protocol.frame(Error("forbidden", "this daemon serves only its own user"))
+LOG_INTERVAL = 10.0
+"""At most one line per this many seconds for each thing a flood of
+connections can make the daemon log."""
 
 
 def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int]:
@@ -105,43 +120,102 @@ class FrameReader:
         raise ProtocolError(f"incomplete request after {self.frame_timeout:g} s; closing")
 
 
+class Throttled:
+    """A log line that clients can cause, at most once per ``interval``
+    seconds: the first of a burst is logged, the others only counted, and
+    their number is said with the next one logged."""
+
+    def __init__(self, level: int, interval: float = LOG_INTERVAL) -> None:
+        self.level = level
+        self.interval = interval
+        self._quiet_until = -math.inf
+        self._held_back = 0
+
+    def log(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._held_back += 1
+            return
+        if self._held_back:
+            msg += f" (and {self._held_back} more since the last such line)"
+            self._held_back = 0
+        self._quiet_until = now + self.interval
+        log.log(self.level, msg, *args)
+
+
+class IdleCut(Exception):
+    """The connection was idle and cut to make room for a new one."""
+
+
 class Server:
     def __init__(self, config: Config, sessions: Sessions, lifetime: Lifetime) -> None:
         self.config = config
         self.sessions = sessions
         self.lifetime = lifetime
         self.connections = 0
+        # The connections that may be cut, longest idle first (see the
+        # module docstring): their reads' cancel scopes.
+        self._idle: dict[trio.CancelScope, None] = {}
+        self._connections: trio.Nursery  # set by serve()
+        self._foreign = Throttled(logging.WARNING)
+        self._busy = Throttled(logging.WARNING)
+        self._cut = Throttled(logging.INFO)
+        self._dropped = Throttled(logging.INFO)
 
     def idle(self, own: int = 0) -> bool:
         """No live lease, and no connection open but ``own`` of them."""
         return self.connections <= own and not self.sessions.table
 
-    async def serve(self, listener: trio.SocketListener) -> None:
-        await trio.serve_listeners(self._serve_connection, [listener])
+    async def serve(self, control: ControlSocket) -> None:
+        """Serve every connection until cancelled.  They run in a nursery of
+        their own: binding the control socket again leaves them alone."""
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            await control.serve(self._accepted)
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    def _accepted(self, stream: trio.SocketStream) -> None:
+        """A new connection, in the accept loop.  Another user's is refused
+        there and then, with no task and no wait, so that a flood of them is
+        turned away as fast as it comes; ours gets a task."""
+        try:
+            pid, uid = peer_credentials(stream.socket)
+        except OSError:
+            stream.socket.close()
+            return
+        if uid != os.getuid():
+            self._foreign.log("refused a connection from uid %d (pid %d): not our user", uid, pid)
+            try:
+                # Non-blocking: a last word if there is room for it.
+                os.write(stream.socket.fileno(), _FORBIDDEN)
+            except OSError:
+                pass
+            stream.socket.close()
+            return
+        self._connections.start_soon(self._serve_connection, stream, pid)
+
+    async def _serve_connection(self, stream: trio.SocketStream, pid: int) -> None:
         held: list[Lease] = []
         self.connections += 1
         self.lifetime.changed()
         try:
-            pid, uid = peer_credentials(stream.socket)
-            if uid != os.getuid():
-                log.warning("refused a connection from uid %d (pid %d): not our user", uid, pid)
-                await self._send(stream, Error("forbidden", "this daemon serves only its own user"))
-                return
-            if self.connections > self.config.max_connections:
+            if self.connections > self.config.max_connections and not self._cut_longest_idle():
+                limit = self.config.max_connections
+                self._busy.log("refused a connection: all %d (--max-connections) hold leases or are being served", limit)
                 await self._send(stream, Error(
-                    "busy",
-                    f"the daemon has {self.config.max_connections} connections open"
-                    " (its limit); retry shortly",
+                    "busy", f"the daemon has {limit} connections open (its limit), none idle; retry shortly",
                 ))
                 return
             reader = FrameReader(stream, self.config.max_message_bytes, self.config.request_timeout)
             await self._converse(stream, reader, Peer(pid), held)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except IdleCut:
+            await self._send(stream, Error(
+                "busy", f"the daemon is at its limit of {self.config.max_connections} connections"
+                " and closed this idle one to make room; reconnect",
+            ))
         except ProtocolError as err:
-            log.info("dropping a client: %s", err)
+            self._dropped.log("dropping a client: %s", err)
             await self._send(stream, Error("protocol", str(err)))
         except Exception as err:
             # A bug must cost one connection, never the daemon and every
@@ -155,6 +229,30 @@ class Server:
             for lease in held:
                 self.sessions.connection_closed(lease)
 
+    def _cut_longest_idle(self) -> bool:
+        """Cut the connection idle longest, if any is; whether one was."""
+        if not self._idle:
+            return False
+        scope = next(iter(self._idle))
+        del self._idle[scope]
+        scope.cancel()
+        self._cut.log("closed an idle connection to make room (--max-connections %d)", self.config.max_connections)
+        return True
+
+    async def _next_request(self, reader: FrameReader, held: list[Lease], timeout: float) -> bytes | None:
+        """The next request's body (None at the end of the stream).  While
+        the connection holds no lease, the wait may be cut (:class:`IdleCut`)."""
+        if held:
+            return await reader.read(math.inf)
+        scope = trio.CancelScope()
+        self._idle[scope] = None
+        try:
+            with scope:
+                return await reader.read(timeout)
+            raise IdleCut
+        finally:
+            self._idle.pop(scope, None)
+
     async def _send(self, stream: trio.SocketStream, msg: protocol.Message) -> None:
         """A last word before closing: best effort, never stuck."""
         with trio.move_on_after(self.config.request_timeout):
@@ -166,7 +264,7 @@ class Server:
     async def _converse(
         self, stream: trio.SocketStream, reader: FrameReader, peer: Peer, held: list[Lease]
     ) -> None:
-        body = await reader.read(self.config.request_timeout)
+        body = await self._next_request(reader, held, self.config.request_timeout)
         if body is None:
             return
         hello = protocol.decode_request(body)
@@ -188,8 +286,7 @@ class Server:
         # the Welcome goes out with its reply, one wake-up of the client
         # instead of two.
         while True:
-            idle = math.inf if held else self.config.idle_timeout
-            body = await reader.read(idle)
+            body = await self._next_request(reader, held, self.config.idle_timeout)
             if body is None:
                 return
             try:
@@ -219,7 +316,7 @@ class Server:
         sessions = self.sessions
         match request:
             case LeaseRequest():
-                lease = sessions.grant(request, peer)
+                lease = await sessions.grant(request, peer)
                 if request.holder_pid is None:
                     held.append(lease)
                 return Granted(lease.info(), lease.record.env)

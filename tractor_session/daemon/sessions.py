@@ -37,16 +37,7 @@ from tractor_session.daemon.systemd import LEASE_TRAFFIC, Notifier
 from tractor_session.daemon.table import Lease, LeaseError, LeaseTable
 from tractor_session.paths import short_name
 from tractor_session.procs import Target, Victim, is_alive
-from tractor_session.protocol import (
-    Bound,
-    GcItem,
-    LeaseRequest,
-    Reaped,
-    Released,
-    Renewed,
-    Shown,
-    Status,
-)
+from tractor_session.protocol import Bound, GcItem, LeaseRequest, Reaped, Released, Renewed, Shown, Status
 from tractor_session.rootdir import RootDir
 
 log = logging.getLogger("tractor_session.daemon")
@@ -127,7 +118,16 @@ class Sessions:
                 raise LeaseError("ended", f"lease {short_name(lease_id)} has ended: {why}") from None
             raise
 
-    def grant(self, request: LeaseRequest, peer: Peer) -> Lease:
+    async def grant(self, request: LeaseRequest, peer: Peer) -> Lease:
+        # The port search (in a thread, see PortPool.take), then the rest with no await between.
+        port = await self.table.take_port(request)
+        try:
+            return self._grant(request, peer, port)
+        except BaseException:
+            self.table.ports.give_back(port)
+            raise
+
+    def _grant(self, request: LeaseRequest, peer: Peer, port: int | None) -> Lease:
         if len(self.table) >= self.config.max_leases:
             raise LeaseError(
                 "too-many-leases",
@@ -154,7 +154,7 @@ class Sessions:
         else:
             assert request.holder_pid is not None
             holder, holder_start = request.holder_pid, check_holder(request.holder_pid)
-        lease = self.table.create(request, holder if holder > 0 else None, holder_start)
+        lease = self.table.create(request, holder if holder > 0 else None, holder_start, port)
         if by_connection:
             self.connected.add(lease.lease_id)
         self._track(lease)

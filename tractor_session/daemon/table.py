@@ -140,17 +140,29 @@ class LeaseTable:
             f"{', ...' if len(names) > 10 else ''}; give more of the id",
         )
 
+    async def take_port(self, req: LeaseRequest) -> int | None:
+        """A registry port for ``req``, if it needs one (a search that may
+        take a while, in a thread: see :meth:`PortPool.take`)."""
+        if req.transport != "tcp" or req.net != "host":
+            return None
+        try:
+            return await self.ports.take()
+        except PortPoolError as err:
+            raise LeaseError("no-free-port", str(err)) from None
+
     def create(
         self,
         req: LeaseRequest,
         holder_pid: int | None,
         holder_start: float | None,
+        port: int | None,
     ) -> Lease:
-        """Create a session: directory, port, record and envelope.
+        """Create a session: directory, record and envelope, with ``port``
+        (from :meth:`take_port`; the caller gives it back if this fails).
 
-        On any failure nothing is left behind: the directory is removed and
-        the port given back before the error propagates.  Refused while the
-        root's path leads elsewhere: the envelope would send the session there.
+        On any failure nothing is left behind: the directory is removed
+        before the error propagates.  Refused while the root's path leads
+        elsewhere: the envelope would send the session there.
         """
         if req.parent is not None and req.parent not in self.leases:
             raise LeaseError("unknown-lease", f"parent lease {req.parent[:80]!r} is not live")
@@ -160,17 +172,11 @@ class LeaseTable:
             lease_id, name, fd = self._new_bindspace()
         except OSError as err:
             raise LeaseError("os-error", explain_os_error(err, self._root_path)) from None
-        port: int | None = None
         try:
             # No checks needed: the parent is ours alone, made just now.
             os.mkdir("tractor", 0o700, dir_fd=fd)
             if (too_long := root_too_long(self.root.path)) is not None:
                 raise LeaseError("path-too-long", too_long)
-            if req.transport == "tcp" and req.net == "host":
-                try:
-                    port = self.ports.take()
-                except PortPoolError as err:
-                    raise LeaseError("no-free-port", str(err)) from None
             now = time.time()
             bindspace = self.root.path_of(name)
             record = LeaseRecord(
@@ -193,8 +199,6 @@ class LeaseTable:
             )
             create_record(record, fd)
         except BaseException as err:
-            if port is not None:
-                self.ports.give_back(port)
             self._unmake(name, fd)
             if isinstance(err, OSError):
                 raise LeaseError("os-error", explain_os_error(err, self._root_path)) from None
