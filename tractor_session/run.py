@@ -97,11 +97,13 @@ def run(request: dict[str, Any], command: list[str]) -> int:
     try:
         released = release_plain(conn, lease_id)
     except ClientError as ended:
+        # SIGINT stays ignored to the end: when this `lease` runs inside
+        # another session that is ending too, that one's reaping must not
+        # turn the status decided here into a KeyboardInterrupt.
         print(f"{PROG}: the session ended under {command[0]!r}, which was ended with it: {ended}", file=sys.stderr)
         _collect_orphans()
         return SESSION_ENDED
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)
+    signal.signal(signal.SIGINT, previous_sigint)
     if released is not None and (summary := _reap_summary(lease_id, released.get("reaped"))):
         print(summary, file=sys.stderr)
     _collect_orphans()
