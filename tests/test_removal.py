@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -31,6 +32,7 @@ from conftest import (
     Runtime,
     export_lease,
     live_leases,
+    port_bindable,
     private_pool,
     read_record,
     wait_for,
@@ -134,6 +136,31 @@ def test_a_failed_removal_keeps_the_lease_its_record_and_its_port(runtime: Runti
     wait_for(lambda: not os.path.lexists(bindspace), what="the retried removal")
     wait_for(lambda: lease["lease_id"] not in live_leases(runtime), what="the lease to end")
     assert export_lease(runtime, holder.pid)["port"] == port
+
+
+def test_a_child_lease_that_cannot_end_does_not_stop_its_siblings(runtime: Runtime) -> None:
+    """A parent's children end side by side: one whose directory cannot be
+    removed stays whole (lease, record, port) and is retried, while its
+    sibling ends and gives its port back."""
+    pool = private_pool(3)
+    runtime.start_daemon("--port-pool", str(pool), *QUICK_REAP, "--gc-interval", "3600")
+    holder = runtime.holder()
+    parent = export_lease(runtime, holder.pid)
+    stuck, sibling = (export_lease(runtime, holder.pid, "--parent", parent["lease_id"]) for _ in range(2))
+    pinned = Path(stuck["bindspace"]) / "tractor" / "pinned"
+    pinned.write_text("cannot be removed")
+    unpin = pin(pinned)
+    try:
+        runtime.cli("release", parent["lease_id"])
+        wait_for(lambda: not os.path.lexists(sibling["bindspace"]), what="the sibling to end")
+        assert port_bindable(sibling["port"], "127.0.0.1", (socket.SOCK_STREAM,))
+        assert stuck["lease_id"] in live_leases(runtime) and read_record(Path(stuck["bindspace"])) is not None
+    finally:
+        unpin()
+    swept = runtime.cli("gc")  # retries the stuck child's end
+    assert swept.returncode == 0, swept.stderr
+    wait_for(lambda: live_leases(runtime) == {}, what="every lease to end")
+    assert not os.path.lexists(stuck["bindspace"])
 
 
 # -- item 6: removal off the event loop --------------------------------------------

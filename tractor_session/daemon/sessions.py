@@ -129,11 +129,8 @@ class Sessions:
 
     def _grant(self, request: LeaseRequest, peer: Peer, port: int | None) -> Lease:
         if len(self.table) >= self.config.max_leases:
-            raise LeaseError(
-                "too-many-leases",
-                f"the daemon holds {len(self.table)} leases, its limit (--max-leases);"
-                " release some or run `tractor-session status`",
-            )
+            raise LeaseError("too-many-leases", f"the daemon holds {len(self.table)} leases, its limit"
+                             " (--max-leases); release some or run `tractor-session status`")
         if request.ttl is not None:
             _check_ttl(request.ttl)
         if request.parent is None and request.inside is not None:
@@ -329,9 +326,16 @@ class Sessions:
             if children:
                 async with trio.open_nursery() as nursery:
                     for child in children:
-                        nursery.start_soon(self.end_lease, child, f"its parent {short_name(lease.lease_id)} ended")
+                        # One child that cannot end must not cancel its siblings' ends.
+                        nursery.start_soon(self._end_logging_errors, child, f"its parent {short_name(lease.lease_id)} ended")
             if lease.record.reap:
-                reaped = await self._reap(lease, spare, roots)
+                try:
+                    reaped = await self._reap(lease, spare, roots)
+                except RuntimeError as err:
+                    self.table.unfinished[lease.lease_id] = reason
+                    raise LeaseError("reap-failed", f"could not end the processes of lease {lease.lease_id}: {err}."
+                                     " It stays, with its directory and port, and is ended again at every gc sweep"
+                                     f" (or `tractor-session gc`); `tractor-session ps {lease.lease_id}` shows them") from None
             # Not reached when the daemon stops mid-reap: the lease then stays
             # on disk and the next daemon, finding its holder dead, ends it.
             await self.table.end(lease, reason)
@@ -392,7 +396,7 @@ class Sessions:
         grace = self.config.gc_grace if grace is None else grace
         self.table.check_root()
         if not dry_run:
-            for lease_id, reason in list(self.table.unremoved.items()):
+            for lease_id, reason in list(self.table.unfinished.items()):
                 if (lease := self.table.leases.get(lease_id)) is not None:
                     self._end_in_background(lease, reason)
         # Live ids are read after the scan: a lease granted while it ran is

@@ -108,9 +108,10 @@ class LeaseTable:
         self.by_short: dict[str, Lease] = {}
         # parent lease id -> ids of its children (an xdist run's workers).
         self.children: dict[str, set[str]] = {}
-        # lease id -> why it was ending, for the leases whose directory could
-        # not be removed: they stay whole, to be ended again by the next sweep.
-        self.unremoved: dict[str, str] = {}
+        # lease id -> why it was ending, for the leases whose end failed part
+        # way (processes that would not end, a directory that would not go):
+        # they stay whole, with their port, and the next sweep ends them again.
+        self.unfinished: dict[str, str] = {}
         # Leases whose directory a worker thread is removing right now.
         self.removing: set[str] = set()
         self._root_moved: str | None = None
@@ -272,7 +273,7 @@ class LeaseTable:
         keeps both, so neither is handed out again while in use.
 
         A directory that cannot be removed leaves the lease whole (in the
-        table, its record on disk, its port taken) and in ``unremoved``, and
+        table, its record on disk, its port taken) and in ``unfinished``, and
         raises a :class:`LeaseError` saying so."""
         if lease.lease_id not in self.leases:
             return
@@ -284,7 +285,7 @@ class LeaseTable:
                 remove_bindspace, self.root.fd, lease.name, abandon_on_cancel=True,
             )
         except OSError as err:
-            self.unremoved[lease.lease_id] = reason
+            self.unfinished[lease.lease_id] = reason
             raise LeaseError(
                 "os-error",
                 f"could not remove the directory {lease.record.bindspace} of lease {short_name(lease.lease_id)}"
@@ -293,7 +294,7 @@ class LeaseTable:
             ) from None
         finally:
             self.removing.discard(lease.lease_id)
-        self.unremoved.pop(lease.lease_id, None)
+        self.unfinished.pop(lease.lease_id, None)
         del self.leases[lease.lease_id]
         lease.ended = True
         del self.by_short[short_name(lease.lease_id)]
