@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,9 +55,10 @@ from conftest import (
     wait_for,
 )
 
-from tractor_session import client, paths, procs
+from tractor_session import client, gc, paths, procs
 from tractor_session.envelope import RuntimeVars, dump_rtvars, load_rtvars
 from tractor_session.records import RECORD_NAME, LeaseRecord, write_record
+from tractor_session.rootdir import RootDir
 
 MODES = ("direct", "daemon", "sweep")
 STALE = 10**6  # seconds: older than any grace used in these tests
@@ -360,6 +362,24 @@ def test_a_reused_bindspace_name_neither_spares_a_dead_session_nor_condemns_a_li
 
     wait_for(lambda: not pid_alive(leftover.pid), what="the old session's process to be reaped")
     assert (live / RECORD_NAME).is_file() and pid_alive(holder.pid)
+
+
+def test_gc_removes_only_the_directory_it_judged(runtime: Runtime) -> None:
+    """Names come back: between gc's scan and its removal (a reap grace
+    apart, in a daemon's sweep), a dead session's directory may go and its
+    name go to a new session, whose directory gc must then leave alone."""
+    ensure_root(runtime)
+    holder, holder_start = dead_pid()
+    old, old_id = recorded(runtime, holder, holder_start)
+    with RootDir.open(runtime.root) as root:
+        findings = gc.scan(root, grace=300)
+        assert [item.path for item in findings.bindspaces] == [str(old)]
+        shutil.rmtree(old)  # its lease ended meanwhile...
+        live = sleeper(runtime)  # ... and a new one got the name
+        new, _ = recorded(runtime, live.pid, procs.start_time(live.pid), lease_id=old_id[:4] + str(uuid.uuid4())[4:])
+        assert new == old
+        assert gc.remove(root, findings) == []
+    assert (new / RECORD_NAME).is_file()
 
 
 @pytest.mark.parametrize("mode", MODES)

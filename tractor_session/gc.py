@@ -54,6 +54,8 @@ class Findings:
     sockets: list[GcItem] = field(default_factory=list)
     # session id -> its leftover processes
     processes: dict[str, list[Victim]] = field(default_factory=dict)
+    # The grace the scan judged bindspaces by; :func:`remove` judges again.
+    grace: float = DEFAULT_GRACE
 
     def process_item(self, pid: int, cmdline: str, ended_by: str | None = None) -> GcItem:
         """The report line of one leftover process (``ended_by`` a signal
@@ -141,7 +143,7 @@ def scan(root: RootDir, grace: float = DEFAULT_GRACE) -> Findings:
     from tractor_session.protocol import GcItem
     from tractor_session.records import BINDSPACE_NAME_RE
 
-    findings = Findings()
+    findings = Findings(grace=grace)
     # Processes first: a lease granted after this scan cannot own one of
     # the processes it found, so checking liveness afterwards is race-free.
     for sid, victims in session_processes_of_root(Path(root.path)).items():
@@ -194,11 +196,11 @@ def _session_is_dead(root: RootDir, session_id: str, grace: float) -> bool:
     return True
 
 
-def remove(root: RootDir, items: list[GcItem]) -> list[GcItem]:
-    """Remove bindspaces, links and sockets found by :func:`scan`; return
+def remove(root: RootDir, findings: Findings) -> list[GcItem]:
+    """Remove the bindspaces, links and sockets :func:`scan` found; return
     what was actually removed."""
     removed: list[GcItem] = []
-    for item in items:
+    for item in [*findings.bindspaces, *findings.sockets]:
         parent, _, name = item.path.rpartition("/")
         if parent != root.path:
             continue  # never anything outside the root
@@ -208,6 +210,11 @@ def remove(root: RootDir, items: list[GcItem]) -> list[GcItem]:
             continue
         try:
             if stat.S_ISDIR(st.st_mode) and item.kind == "bindspace":
+                # Judged again: names come back, and since the scan (a reap
+                # grace ago, in a daemon's sweep) this one may have gone to
+                # a new session.
+                if _bindspace_verdict(root, name, st, findings.grace, time.time()) is None:
+                    continue
                 remove_bindspace(root.fd, name)
             elif stat.S_ISLNK(st.st_mode):
                 os.unlink(name, dir_fd=root.fd)
@@ -246,7 +253,7 @@ def collect_without_daemon(root: Path, dry_run: bool, grace: float | None = None
             from tractor_session.procs import terminate
 
             reaped = terminate(findings.victims(), DEFAULT_REAP_GRACE)
-            return findings.reaped_items(reaped) + remove(opened, findings.bindspaces + findings.sockets)
+            return findings.reaped_items(reaped) + remove(opened, findings)
 
 
 class BusyError(RuntimeError):

@@ -16,6 +16,7 @@ runs, then kills, and scans once more.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,12 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
-from tractor_session import gc, procs
+from tractor_session import gc, paths, procs
 from tractor_session.procs import Target, Victim
 from tractor_session.protocol import GcItem, Reaped
 from tractor_session.rootdir import RootDir
+
+log = logging.getLogger("tractor_session.daemon")
 
 # Each reap waits out a grace period in its own thread; many sessions may
 # end at once, and trio's default limit (40) would queue them behind
@@ -75,8 +78,10 @@ async def end_processes(find: Finder, grace: float) -> list[Reaped]:
             running = {_key(v): v for v in [*left, *await find()] if _key(v) not in frozen}
             left = []
             if running:
-                await _in_thread(procs.freeze, list(running.values()))
+                # Counted before the signals go out: cancelled meanwhile,
+                # the finally below still kills them rather than leave them stopped.
                 frozen.update(running)
+                await _in_thread(procs.freeze, list(running.values()))
             elif frozen:
                 stuck = await _in_thread(procs.kill, list(frozen.values()))
                 ended.update((k, Reaped(v.pid, v.cmdline, "SIGKILL")) for k, v in frozen.items())
@@ -164,6 +169,13 @@ async def collect_garbage(
             findings.processes[sid] += [v for v in found[sid] if _key(v) not in known]
         return [v for sid in dead for v in found.get(sid, [])]
 
-    reaped = await end_processes(find, reap_grace) if dead else []
-    removed = await trio.to_thread.run_sync(gc.remove, root, findings.bindspaces + findings.sockets)
+    try:
+        reaped = await end_processes(find, reap_grace) if dead else []
+    except RuntimeError as err:
+        # One stuck session costs its own directories, not the sweep's.
+        log.warning("gc: could not end the processes of %s: %s; its directory stays until then", ", ".join(dead), err)
+        stuck = {name for sid in dead for name in paths.bindspace_names(sid)}
+        findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in stuck]
+        reaped = []
+    removed = await trio.to_thread.run_sync(gc.remove, root, findings)
     return findings.reaped_items(reaped) + removed
