@@ -9,8 +9,8 @@ leftover processes are reaped, and only then are its directory and port
 freed.
 
 Bookkeeping is synchronous (see :mod:`.table`), so requests never race
-each other between two awaits; only reaping, which waits out a grace
-period, and garbage sweeps happen in the background.
+each other between two awaits; what takes long (port searches, reaping,
+removals, sweeps) runs in worker threads or in the background.
 
 Stopping the daemon keeps every live lease on disk: the next daemon
 re-adopts them (:meth:`Sessions.recover`, :mod:`.recovery`).
