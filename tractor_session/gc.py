@@ -54,8 +54,10 @@ class Findings:
     sockets: list[GcItem] = field(default_factory=list)
     # session id -> its leftover processes
     processes: dict[str, list[Victim]] = field(default_factory=dict)
-    # The grace the scan judged bindspaces by; :func:`remove` judges again.
+    # The grace the scan judged bindspaces by, and each one's inode and
+    # ctime then: :func:`remove` judges again one that changed since.
     grace: float = DEFAULT_GRACE
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def process_item(self, pid: int, cmdline: str, ended_by: str | None = None) -> GcItem:
         """The report line of one leftover process (``ended_by`` a signal
@@ -171,6 +173,7 @@ def scan(root: RootDir, grace: float = DEFAULT_GRACE) -> Findings:
                 continue  # its record cannot be read right now: keep it
             if why:
                 findings.bindspaces.append(GcItem("bindspace", path, why))
+                findings.stamps[path] = (st.st_ino, st.st_ctime_ns)
         elif stat.S_ISSOCK(st.st_mode) and (why := _socket_verdict(root, entry.name)):
             findings.sockets.append(GcItem("socket", path, why))
     return findings
@@ -210,10 +213,11 @@ def remove(root: RootDir, findings: Findings) -> list[GcItem]:
             continue
         try:
             if stat.S_ISDIR(st.st_mode) and item.kind == "bindspace":
-                # Judged again: names come back, and since the scan (a reap
-                # grace ago, in a daemon's sweep) this one may have gone to
-                # a new session.
-                if _bindspace_verdict(root, name, st, findings.grace, time.time()) is None:
+                # Names come back: since the scan (a reap grace ago, in a
+                # daemon's sweep) this one may have gone to a new session,
+                # whose directory is new (its ctime is) and is judged again.
+                changed = findings.stamps.get(item.path) != (st.st_ino, st.st_ctime_ns)
+                if changed and _bindspace_verdict(root, name, st, findings.grace, time.time()) is None:
                     continue
                 remove_bindspace(root.fd, name)
             elif stat.S_ISLNK(st.st_mode):
