@@ -374,3 +374,21 @@ def test_a_version_mismatch_is_reported_and_stop_then_lease_brings_this_version(
     assert "differs" not in res.stderr
     assert Path(kept["bindspace"]).is_dir()
     assert runtime.cli("stop").returncode == 0
+
+
+def test_a_client_probing_the_lock_does_not_make_a_starting_daemon_quit(runtime: Runtime) -> None:
+    """A status/gc probe holds the lock shared for an instant; a daemon
+    starting at that moment waits it out instead of refusing to run."""
+    import threading
+
+    from tractor_session.daemon.main import acquire_daemon_lock
+
+    runtime.control.mkdir(parents=True, exist_ok=True)
+    probe = os.open(runtime.control / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.05, os.close, (probe,)).start()
+    fd = acquire_daemon_lock(runtime.control)
+    try:
+        assert not lock_free(runtime)
+    finally:
+        os.close(fd)
