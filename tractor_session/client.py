@@ -96,9 +96,14 @@ class Connection:
         self._daemon_pid = 0
         self._daemon_version = ""
         self.spawned = False
-        # A lease bound to this connection was asked for (and answered):
-        # from then on it is never silently replaced (see _roundtrip).
-        self.bound = False
+        # The leases granted bound to this connection and not released on
+        # it: while any is, it is never silently replaced (see _roundtrip).
+        self._bound_leases: set[str] = set()
+
+    @property
+    def bound(self) -> bool:
+        """Whether a lease bound to this connection may still live."""
+        return bool(self._bound_leases)
 
     def daemon_pid(self) -> int:
         """The daemon's pid (says hello first if no request has yet)."""
@@ -197,13 +202,22 @@ class Connection:
             raise ClientError("bad-request", f"cannot send {request.get('type')!r} request: {err}") from None
         try:
             body = self._roundtrip(data)
-            if request.get("type") == "lease" and request.get("holder_pid") is None:
-                self.bound = True
+            self._track_bound(request, body)
             return decode(body)
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
         except wire.ProtocolError as err:
             raise ClientError("protocol", str(err)) from None
+
+    def _track_bound(self, request: dict[str, Any], body: bytes) -> None:
+        """Note a lease granted bound to this connection, or released on it."""
+        kind = request.get("type")
+        if kind == "lease" and request.get("holder_pid") is None and body.startswith(b'{"type":"granted"'):
+            lease = wire.decode(body).get("lease")
+            if isinstance(lease, dict):
+                self._bound_leases.add(str(lease.get("lease_id")))
+        elif kind == "release" and body.startswith(b'{"type":"released"'):
+            self._bound_leases.discard(str(wire.decode(body).get("lease_id")))
 
     def call(self, request: dict[str, Any], expected: str | None = None) -> dict[str, Any]:
         """Send ``request`` (a message as plain data) and return the reply
