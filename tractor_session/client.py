@@ -125,8 +125,7 @@ class Connection:
                 raise ClientError("protocol", str(err)) from None
 
     def _roundtrip(self, request: bytes) -> bytes:
-        """Send ``request`` (framed; empty: only the Hello) and return the
-        reply's body.
+        """Send ``request`` (framed; empty: only the Hello); return the reply's body.
 
         A daemon at its connection limit answers ``busy`` having read
         nothing of ours, and may close a connection that holds no lease; so
@@ -134,8 +133,11 @@ class Connection:
         closed, is sent again on a new connection, for CONNECT_TIMEOUT."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         delay = 0.005
+        reconnect = False
         while True:
             try:
+                if reconnect:  # within the one deadline; a busy here is retried too
+                    self._reconnect(deadline - time.monotonic())
                 if self._hello is not None:
                     self._handshake(request)
                     if not request:
@@ -158,10 +160,10 @@ class Connection:
                 raise refused
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
-            self._reconnect()
+            reconnect = True
 
-    def _reconnect(self) -> None:
-        sock = open_socket(self.path)
+    def _reconnect(self, timeout: float) -> None:
+        sock = open_socket(self.path, timeout)
         if sock is None:
             raise ClientError("unreachable", f"the daemon no longer answers at {self.path}")
         self.sock.close()
@@ -372,13 +374,13 @@ def try_connect(path: str) -> Connection | None:
     return None if sock is None else Connection(sock, path)
 
 
-def open_socket(path: str) -> socket.socket | None:
-    """A socket connected to ``path``, or None if nothing listens there."""
+def open_socket(path: str, timeout: float = CONNECT_TIMEOUT) -> socket.socket | None:
+    """A socket connected to ``path`` (within ``timeout``), or None if nothing listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # A blocking connect waits for room in a full queue of connections (a
-    # flood of them) for at most the send timeout; with a socket timeout,
-    # it would fail at once (EAGAIN).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(int(CONNECT_TIMEOUT), 0))
+    # A blocking connect waits for room in a full queue of connections for
+    # at most the send timeout; with a socket timeout it fails at once.
+    usec = max(1000, int(timeout * 1e6))  # a zero timeval would mean "forever"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000))
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -387,7 +389,7 @@ def open_socket(path: str) -> socket.socket | None:
     except BlockingIOError:
         sock.close()
         raise ClientError(
-            "busy", f"the daemon at {path} took no new connection for {CONNECT_TIMEOUT:g} s (its queue stayed full); retry",
+            "busy", f"the daemon at {path} took no new connection for {timeout:.3g} s (its queue stayed full); retry",
         ) from None
     except OSError as err:
         sock.close()
