@@ -374,3 +374,44 @@ def test_a_version_mismatch_is_reported_and_stop_then_lease_brings_this_version(
     assert "differs" not in res.stderr
     assert Path(kept["bindspace"]).is_dir()
     assert runtime.cli("stop").returncode == 0
+
+
+def test_a_client_probing_the_lock_does_not_make_a_starting_daemon_quit(runtime: Runtime) -> None:
+    """A status/gc probe holds the lock shared for an instant; a daemon
+    starting at that moment waits it out instead of refusing to run."""
+    import threading
+
+    from tractor_session.daemon.main import acquire_daemon_lock
+
+    runtime.control.mkdir(parents=True, exist_ok=True)
+    probe = os.open(runtime.control / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.05, os.close, (probe,)).start()
+    fd = acquire_daemon_lock(runtime.control)
+    try:
+        assert not lock_free(runtime)
+    finally:
+        os.ftruncate(fd, 0)  # it names this process: teardown must not kill it
+        os.close(fd)
+
+
+def test_status_during_a_gc_without_a_daemon_signals_no_stranger(runtime: Runtime) -> None:
+    """A daemonless ``gc`` holds the lock, whose file still names a dead
+    daemon's pid, now reused by an unrelated ``... serve``: ``status`` must
+    not SIGUSR1 it (that would kill it) and says no daemon runs once gc ends."""
+    stranger = runtime.popen([sys.executable, "-c", "import time; time.sleep(60)", "serve"])
+    runtime.control.mkdir(parents=True, exist_ok=True)
+    gc_lock = os.open(runtime.control / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(gc_lock, fcntl.LOCK_EX)
+        os.write(gc_lock, f"{stranger.pid}\n".encode())
+        status = subprocess.Popen(
+            [*CLI, "status"], env=runtime.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        runtime.procs.append(status)  # type: ignore[arg-type]
+        never(lambda: stranger.poll() is not None, 1.0, "the stranger died")
+    finally:
+        os.close(gc_lock)
+    out, err = status.communicate(timeout=30)
+    assert stranger.poll() is None
+    assert "kill" not in out + err

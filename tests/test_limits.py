@@ -596,3 +596,29 @@ def test_out_of_file_descriptors_periodic_sweep_does_not_kill_the_daemon(
     assert_served(runtime)
 
 
+
+
+def test_a_connection_whose_leases_were_released_elsewhere_can_be_cut(runtime: Runtime, tmp_path: Path) -> None:
+    """Leases a connection took but another released no longer keep it:
+    with room for two, two such connections must not lock everyone out."""
+    runtime.start_daemon("--max-connections", "2", log=tmp_path / "daemon.log")
+    with runtime.connect() as first, runtime.connect() as second:
+        lease_1 = first.lease("uds").lease.lease_id
+        lease_2 = second.lease("uds").lease.lease_id
+        first.release(lease_2)
+        second.release(lease_1)
+        res = runtime.cli("status", timeout=60)
+        assert res.returncode == 0, res.stderr
+
+
+def test_a_library_connection_whose_lease_was_released_reconnects_once_cut(runtime: Runtime, tmp_path: Path) -> None:
+    """Once its lease is released, a connection carries nothing again: cut
+    while idle, its next request goes out on a new one."""
+    runtime.start_daemon("--max-connections", "2", log=tmp_path / "daemon.log")
+    with runtime.connect() as released, runtime.connect() as other:
+        daemon_pid = other.status().daemon_pid
+        released.release(released.lease("uds").lease.lease_id)
+        other.status()  # `released` is now the one idle longest
+        with runtime.connect() as newcomer:
+            assert newcomer.status().daemon_pid == daemon_pid  # cut `released` to get in
+        assert released.status().daemon_pid == daemon_pid

@@ -158,9 +158,11 @@ def _is_serving(pid: int) -> bool:
         return True  # no /proc (macOS): trust the lock
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"\0serve\0" in b"\0" + f.read()
+            argv = f.read().split(b"\0")
     except OSError:
         return False
+    # Only a tractor-session ``serve``: never signal e.g. ``mkdocs serve``.
+    return b"serve" in argv and any(b"tractor-session" in a or b"tractor_session" in a for a in argv)
 
 
 def reach_headless_daemon(root: str, sock_path: str, timeout: float) -> Connection | None:
@@ -175,13 +177,21 @@ def reach_headless_daemon(root: str, sock_path: str, timeout: float) -> Connecti
     deadline = time.monotonic() + timeout
     delay = 0.005
     while (pid := _lock_holder(root)) is not None:
-        if pid > 0 and _is_serving(pid):
+        serving = pid > 0 and _is_serving(pid)
+        if serving:
             try:
                 os.kill(pid, REBIND_SIGNAL)
-            except ProcessLookupError:
+            except OSError:  # gone, or not ours to signal
                 pass
         if (conn := try_connect(sock_path)) is not None:
             return conn
+        if time.monotonic() > deadline and not serving:
+            raise ClientError(
+                "unreachable",
+                f"{_lock_path(root)} is held by a process that is not a daemon (a `tractor-session gc`"
+                f" without a daemon?) and no daemon answers at {sock_path} after {timeout:g} s;"
+                " try again once it is done",
+            )
         if time.monotonic() > deadline:
             raise ClientError(
                 "unreachable",

@@ -96,9 +96,14 @@ class Connection:
         self._daemon_pid = 0
         self._daemon_version = ""
         self.spawned = False
-        # A lease bound to this connection was asked for (and answered):
-        # from then on it is never silently replaced (see _roundtrip).
-        self.bound = False
+        # The leases granted bound to this connection and not released on
+        # it: while any is, it is never silently replaced (see _roundtrip).
+        self._bound_leases: set[str] = set()
+
+    @property
+    def bound(self) -> bool:
+        """Whether a lease bound to this connection may still live."""
+        return bool(self._bound_leases)
 
     def daemon_pid(self) -> int:
         """The daemon's pid (says hello first if no request has yet)."""
@@ -120,8 +125,7 @@ class Connection:
                 raise ClientError("protocol", str(err)) from None
 
     def _roundtrip(self, request: bytes) -> bytes:
-        """Send ``request`` (framed; empty: only the Hello) and return the
-        reply's body.
+        """Send ``request`` (framed; empty: only the Hello); return the reply's body.
 
         A daemon at its connection limit answers ``busy`` having read
         nothing of ours, and may close a connection that holds no lease; so
@@ -129,8 +133,11 @@ class Connection:
         closed, is sent again on a new connection, for CONNECT_TIMEOUT."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         delay = 0.005
+        reconnect = False
         while True:
             try:
+                if reconnect:  # within the one deadline; a busy here is retried too
+                    self._reconnect(deadline - time.monotonic())
                 if self._hello is not None:
                     self._handshake(request)
                     if not request:
@@ -153,10 +160,10 @@ class Connection:
                 raise refused
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
-            self._reconnect()
+            reconnect = True
 
-    def _reconnect(self) -> None:
-        sock = open_socket(self.path)
+    def _reconnect(self, timeout: float) -> None:
+        sock = open_socket(self.path, timeout)
         if sock is None:
             raise ClientError("unreachable", f"the daemon no longer answers at {self.path}")
         self.sock.close()
@@ -197,13 +204,22 @@ class Connection:
             raise ClientError("bad-request", f"cannot send {request.get('type')!r} request: {err}") from None
         try:
             body = self._roundtrip(data)
-            if request.get("type") == "lease" and request.get("holder_pid") is None:
-                self.bound = True
+            self._track_bound(request, body)
             return decode(body)
         except OSError as err:
             raise ClientError("unreachable", f"lost the connection to the daemon: {err}") from None
         except wire.ProtocolError as err:
             raise ClientError("protocol", str(err)) from None
+
+    def _track_bound(self, request: dict[str, Any], body: bytes) -> None:
+        """Note a lease granted bound to this connection, or released on it."""
+        kind = request.get("type")
+        if kind == "lease" and request.get("holder_pid") is None and body.startswith(b'{"type":"granted"'):
+            lease = wire.decode(body).get("lease")
+            if isinstance(lease, dict):
+                self._bound_leases.add(str(lease.get("lease_id")))
+        elif kind == "release" and body.startswith(b'{"type":"released"'):
+            self._bound_leases.discard(str(wire.decode(body).get("lease_id")))
 
     def call(self, request: dict[str, Any], expected: str | None = None) -> dict[str, Any]:
         """Send ``request`` (a message as plain data) and return the reply
@@ -358,13 +374,13 @@ def try_connect(path: str) -> Connection | None:
     return None if sock is None else Connection(sock, path)
 
 
-def open_socket(path: str) -> socket.socket | None:
-    """A socket connected to ``path``, or None if nothing listens there."""
+def open_socket(path: str, timeout: float = CONNECT_TIMEOUT) -> socket.socket | None:
+    """A socket connected to ``path`` (within ``timeout``), or None if nothing listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # A blocking connect waits for room in a full queue of connections (a
-    # flood of them) for at most the send timeout; with a socket timeout,
-    # it would fail at once (EAGAIN).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(int(CONNECT_TIMEOUT), 0))
+    # A blocking connect waits for room in a full queue of connections for
+    # at most the send timeout; with a socket timeout it fails at once.
+    usec = max(1000, int(timeout * 1e6))  # a zero timeval would mean "forever"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(usec // 1_000_000, usec % 1_000_000))
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -373,7 +389,7 @@ def open_socket(path: str) -> socket.socket | None:
     except BlockingIOError:
         sock.close()
         raise ClientError(
-            "busy", f"the daemon at {path} took no new connection for {CONNECT_TIMEOUT:g} s (its queue stayed full); retry",
+            "busy", f"the daemon at {path} took no new connection for {timeout:.3g} s (its queue stayed full); retry",
         ) from None
     except OSError as err:
         sock.close()

@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -33,6 +34,9 @@ from tractor_session.daemon.sessions import Sessions
 log = logging.getLogger("tractor_session.daemon")
 
 
+LOCK_PATIENCE = 0.2  # seconds a starting daemon waits for a probing client's shared lock
+
+
 class AlreadyRunning(RuntimeError):
     pass
 
@@ -46,9 +50,17 @@ def acquire_daemon_lock(control_dir: Path) -> int:
     """
     lock_path = control_dir / paths.DAEMON_LOCK_NAME
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # Clients probing for a daemon (status, gc...) hold the lock shared for
+    # an instant: retry briefly so such a probe cannot make a daemon quit.
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise AlreadyRunning(

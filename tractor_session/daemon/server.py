@@ -242,6 +242,9 @@ class Server:
     async def _next_request(self, reader: FrameReader, held: list[Lease], timeout: float) -> bytes | None:
         """The next request's body (None at the end of the stream).  While
         the connection holds no lease, the wait may be cut (:class:`IdleCut`)."""
+        # Leases ended elsewhere (another client's release, a parent's end)
+        # no longer keep this connection: else it could never be cut.
+        held[:] = [lease for lease in held if not lease.ended]
         if held:
             return await reader.read(math.inf)
         scope = trio.CancelScope()
