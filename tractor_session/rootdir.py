@@ -142,14 +142,7 @@ def remove_bindspace(root_fd: int, name: str) -> None:
     Raises ``OSError`` if anything could not be removed."""
     if not BINDSPACE_NAME_RE.fullmatch(name):
         raise ValueError(f"refusing to remove {name!r}: not a bindspace name")
-    try:
-        fd = open_dir(name, root_fd)
-    except FileNotFoundError:
-        return
-    except OSError as err:
-        if err.errno not in _NOT_A_DIR:
-            raise
-        _unlink(name, root_fd)
+    if (fd := _open_dir_or_unlink(name, root_fd)) is None:
         return
     try:
         clear_dir(fd, keep=RECORD_NAME)
@@ -165,6 +158,20 @@ def remove_bindspace(root_fd: int, name: str) -> None:
         pass
 
 
+def _open_dir_or_unlink(name: str, dir_fd: int) -> int | None:
+    """The directory ``name`` in ``dir_fd``, open; None if it is gone, or
+    was a symlink or a file (swapped in, say) and is unlinked now."""
+    try:
+        return open_dir(name, dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno not in _NOT_A_DIR:
+            raise
+        _unlink(name, dir_fd)
+        return None
+
+
 def clear_dir(top: int, keep: str | None = None) -> None:
     """Empty the directory open as ``top`` (but for the entry ``keep``),
     depth first and without recursion: a 1,200-level tree costs no stack
@@ -178,14 +185,7 @@ def clear_dir(top: int, keep: str | None = None) -> None:
         while True:
             subdir = _clear_files(fd, keep if fd == top else None)
             if subdir is not None:
-                try:
-                    child = open_dir(subdir, fd)
-                except FileNotFoundError:
-                    continue
-                except OSError as err:
-                    if err.errno not in _NOT_A_DIR:
-                        raise
-                    _unlink(subdir, fd)  # swapped for a link or a file meanwhile
+                if (child := _open_dir_or_unlink(subdir, fd)) is None:
                     continue
                 below.append((subdir, _ident(os.fstat(fd))))
                 if fd != top:
