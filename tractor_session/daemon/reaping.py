@@ -150,11 +150,11 @@ async def collect_garbage(
 ) -> list[GcItem]:
     """Find (and unless ``dry_run``, remove) what dead sessions left under
     ``root``: the scan runs in a thread, then ``live_bindspaces()`` (lease
-    id -> bindspace) is asked which sessions are live *now*, and those are
+    id -> bindspace name) is asked which sessions are live *now*, and those are
     spared."""
     findings = await trio.to_thread.run_sync(gc.scan, root, grace)
     live = live_bindspaces()
-    live_names = {Path(bindspace).name for bindspace in live.values()}
+    live_names = set(live.values())
     findings.processes = {sid: v for sid, v in findings.processes.items() if sid not in live}
     findings.bindspaces = [i for i in findings.bindspaces if Path(i.path).name not in live_names]
     if dry_run:

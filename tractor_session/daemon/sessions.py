@@ -402,7 +402,7 @@ class Sessions:
         # Live ids are read after the scan: a lease granted while it ran is
         # spared (grants happen in this thread, whole, between two awaits).
         return await reaping.collect_garbage(
-            self.table.root, grace, lambda: {i: lease.record.bindspace for i, lease in self.table.leases.items()},
+            self.table.root, grace, lambda: {i: lease.name for i, lease in self.table.leases.items()},
             self.config.reap_grace, dry_run,
         )
 
